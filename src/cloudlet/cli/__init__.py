@@ -1,0 +1,1 @@
+"""The ``cloudlet`` command: thin Typer commands over the core packages (one module each)."""
