@@ -1,0 +1,29 @@
+"""The ``cloudlet`` command: one sub-app per concept, all thin over the core packages."""
+
+from __future__ import annotations
+
+import typer
+
+from cloudlet import __version__
+from cloudlet.cli import image_cmd, overlay_cmd, system_cmd, vm_cmd
+from cloudlet.cli.common import JsonOpt, emit
+
+app = typer.Typer(
+    help="cloudlet: service VMs one hop from their users, from compact VM overlays.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(image_cmd.app, name="image")
+app.add_typer(vm_cmd.app, name="vm")
+app.add_typer(overlay_cmd.app, name="overlay")
+system_cmd.register(app)
+
+
+@app.command("version")
+def version(as_json: bool = JsonOpt) -> None:
+    """Print cloudlet's version."""
+    emit({"version": __version__}, as_json, lambda d: print(d["version"]))
+
+
+def run() -> None:
+    app()

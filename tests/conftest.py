@@ -1,0 +1,71 @@
+"""Shared fixtures: data homes, the tiny image (built once per session), QEMU leak checks.
+
+The tiny image and the .deb cache live in one session home (``CLOUDLET_TEST_CACHE``, default
+``.cache/test-home`` in the repo, so local re-runs do not rebuild); each test gets its own
+``CLOUDLET_HOME`` whose ``images/`` and ``cache/`` point at the shared ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudlet.config import Paths, paths
+from helpers import qemu_pids_mentioning
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def session_home() -> Paths:
+    root = Path(os.environ.get("CLOUDLET_TEST_CACHE", REPO / ".cache" / "test-home"))
+    return paths(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_image(session_home: Paths):  # type: ignore[no-untyped-def]
+    from cloudlet.errors import NotFoundError
+    from cloudlet.images.store import ImageStore
+    from cloudlet.images.tiny import build_tiny
+
+    store = ImageStore(session_home)
+    try:
+        img = store.get("tiny")
+        store.verify("tiny")
+        return img
+    except NotFoundError:
+        return build_tiny(session_home, "tiny")
+
+
+@pytest.fixture
+def home(tmp_path: Path, session_home: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
+    """A fresh CLOUDLET_HOME sharing the session's images and caches; checks for QEMU leaks."""
+    h = tmp_path / "home"
+    h.mkdir()
+    (h / "images").symlink_to(session_home.images)
+    (h / "cache").symlink_to(session_home.cache)
+    monkeypatch.setenv("CLOUDLET_HOME", str(h))
+    p = paths(h)
+    yield p
+    # VMs the test left in its records are the test's business: remove them quietly.
+    from cloudlet.cli.common import run_async
+    from cloudlet.hypervisor.vm import VMManager
+
+    mgr = VMManager(p)
+    for vm in mgr.list():
+        try:
+            run_async(mgr.delete(vm.id, force=True))
+        except Exception:
+            pass
+    # Anything still running from this home is a QEMU nobody tracks: a leak.
+    leaked = qemu_pids_mentioning(str(h))
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    if leaked:
+        time.sleep(0.2)
+        pytest.fail(f"QEMU processes outlived the test untracked: {leaked}")
