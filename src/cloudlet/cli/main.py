@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cloudlet import __version__
-from cloudlet.cli import image_cmd, overlay_cmd, system_cmd, vm_cmd
+from cloudlet.cli import base_cmd, image_cmd, overlay_cmd, synthesis_cmd, system_cmd, vm_cmd
 from cloudlet.cli.common import JsonOpt, emit
 
 app = typer.Typer(
@@ -15,7 +15,10 @@ app = typer.Typer(
 )
 app.add_typer(image_cmd.app, name="image")
 app.add_typer(vm_cmd.app, name="vm")
+app.add_typer(base_cmd.app, name="base")
 app.add_typer(overlay_cmd.app, name="overlay")
+overlay_cmd.app.command("create")(synthesis_cmd.overlay_create)
+app.command("synthesize")(synthesis_cmd.synthesize)
 system_cmd.register(app)
 
 

@@ -57,6 +57,7 @@ from cloudlet.hypervisor.ports import PortForward
 from cloudlet.hypervisor.qemu import default_machine, find_tool, qemu_binary, qemu_version
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
+from cloudlet.util.names import check_name
 
 log = logging.getLogger("cloudlet.hypervisor")
 
@@ -431,12 +432,12 @@ class VMManager:
             vm.state = VMState.CRASHED
             vm.meta["crashed_at"] = time.time()
             vm.meta["console_tail"] = vm.console_tail(10)
-            with self._locked(vm):
+            with self.locked(vm):
                 vm.save()
         return vm
 
     @contextlib.contextmanager
-    def _locked(self, vm: VM) -> Iterator[None]:
+    def locked(self, vm: VM) -> Iterator[None]:
         """Serialise mutations of one VM between processes (CLI, server)."""
         fd = os.open(vm.dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -496,22 +497,17 @@ class VMManager:
             await _kill_and_wait(pid)
         shutil.rmtree(vm.dir, ignore_errors=True)
 
-    async def create_vm(
+    def new_vm(
         self,
         src: BootSource,
+        hardware: Hardware,
         *,
-        memory_mib: int = 256,
-        cpus: int = 1,
         forwards: list[PortForward] | None = None,
         name: str | None = None,
-        hardware: Hardware | None = None,
     ) -> VM:
-        """Make a VM directory (record, empty RAM file, disk layer) without starting it."""
-        if not src.disk.exists():
-            raise NotFoundError(f"the disk {src.disk} of {src.kind} {src.name!r} is missing")
-        if src.kernel is not None and not src.kernel.exists():
-            raise NotFoundError(f"the kernel {src.kernel} of {src.kind} {src.name!r} is missing")
-        hw = hardware or self.hardware_for(src, memory_mib, cpus)
+        """Make a VM directory holding only its record (state ``creating``)."""
+        if name is not None:
+            check_name(name, "VM name")
         fwd = (
             forwards
             if forwards is not None
@@ -523,7 +519,7 @@ class VMManager:
             name=name or f"vm-{vm_id}",
             dir=d,
             state=VMState.CREATING,
-            hardware=hw,
+            hardware=hardware,
             source=src,
             forwards=fwd,
             created=time.time(),
@@ -531,6 +527,29 @@ class VMManager:
         )
         try:
             vm.save()
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        return vm
+
+    async def create_vm(
+        self,
+        src: BootSource,
+        *,
+        memory_mib: int = 256,
+        cpus: int = 1,
+        forwards: list[PortForward] | None = None,
+        name: str | None = None,
+        hardware: Hardware | None = None,
+    ) -> VM:
+        """Make a VM directory (record and a disk layer over ``src.disk``) without starting it."""
+        if not src.disk.exists():
+            raise NotFoundError(f"the disk {src.disk} of {src.kind} {src.name!r} is missing")
+        if src.kernel is not None and not src.kernel.exists():
+            raise NotFoundError(f"the kernel {src.kernel} of {src.kind} {src.name!r} is missing")
+        hw = hardware or self.hardware_for(src, memory_mib, cpus)
+        vm = self.new_vm(src, hw, forwards=forwards, name=name)
+        try:
             proc = await asyncio.create_subprocess_exec(
                 find_tool("qemu-img"), "create", "-q", "-f", "qcow2",
                 "-b", str(src.disk), "-F", src.disk_format, str(vm.disk_path),
@@ -546,6 +565,23 @@ class VMManager:
         except BaseException:
             await self._discard(vm)
             raise
+
+    def mark_suspended(self, vm: VM) -> VM:
+        """Record that ``vm.dir`` now holds a complete snapshot (RAM file, devstate, disk)."""
+        vm.snapshot = {
+            "devstate_bytes": vm.devstate_path.stat().st_size,
+            "devstate_sha256": _sha256_file(vm.devstate_path),
+            "saved_at": time.time(),
+            "hardware": vm.hardware.to_dict(),
+        }
+        vm.state = VMState.SUSPENDED
+        vm.meta.pop("creator_pid", None)
+        vm.save()
+        return vm
+
+    async def discard(self, vm: VM) -> None:
+        """Undo a VM whose creation failed (public for synthesis and base creation)."""
+        await self._discard(vm)
 
     async def start(
         self,
@@ -675,7 +711,7 @@ class VMManager:
     async def stop(self, vm_id: str, timeout: float = 10.0) -> VM:
         """Graceful (ACPI power button), then ``quit``, then SIGKILL. Keeps the disk."""
         vm = self.get(vm_id)
-        with self._locked(vm):
+        with self.locked(vm):
             if vm.state in (VMState.RUNNING, VMState.PAUSED) and vm.pid:
                 pid = vm.pid
                 try:
@@ -752,7 +788,7 @@ class VMManager:
     async def suspend(self, vm_id: str) -> VM:
         """Pause, save the device state (RAM stays in ``memory.ram``), end QEMU."""
         vm = self.get(vm_id)
-        with self._locked(vm):
+        with self.locked(vm):
             self._require(vm, VMState.RUNNING, VMState.PAUSED)
             assert vm.pid is not None
             pid = vm.pid
@@ -765,14 +801,8 @@ class VMManager:
                     with contextlib.suppress(Exception):
                         await mon.execute("cont")
                     raise
-                vm.snapshot = {
-                    "devstate_bytes": size,
-                    "devstate_sha256": _sha256_file(vm.devstate_path),
-                    "saved_at": time.time(),
-                    "hardware": vm.hardware.to_dict(),
-                }
-                vm.state = VMState.SUSPENDED
-                vm.save()  # from here on the snapshot is complete and durable
+                log.debug("VM %s: device state %d bytes", vm.id, size)
+                self.mark_suspended(vm)  # from here on the snapshot is complete and durable
                 with contextlib.suppress(Exception):
                     await mon.execute("quit")
             if not await _wait_gone(pid, 10):
@@ -791,7 +821,7 @@ class VMManager:
         suspended. Host ports are re-used when free (auto-picked ones are re-picked).
         """
         vm = self.get(vm_id)
-        with self._locked(vm):
+        with self.locked(vm):
             self._require(vm, VMState.SUSPENDED)
             self._check_snapshot(vm)
             if forwards is not None:
@@ -865,12 +895,6 @@ class VMManager:
                         f"restoring device state of VM {vm.id} failed ({status})",
                         hint="see the last console lines with `cloudlet vm logs`",
                     )
-
-    async def adopt(self, vm: VM) -> VM:
-        """Register an externally prepared, suspended VM directory (used by synthesis)."""
-        vm.state = VMState.SUSPENDED
-        vm.save()
-        return vm
 
 
 async def _port_answers(f: PortForward) -> bool:

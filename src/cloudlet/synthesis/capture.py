@@ -1,0 +1,66 @@
+"""``overlay create``: capture what a VM changed relative to its base VM.
+
+The VM is paused (so memory and disk stop changing and QEMU flushes the disk layer), its device
+state is saved beside its RAM file, and the delta engine diffs RAM file and disk layer against
+the base. Afterwards the VM runs on (unless asked to stay paused): capturing is not destructive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cloudlet.config import Paths
+from cloudlet.errors import ConflictError
+from cloudlet.hypervisor.qmp import Monitor
+from cloudlet.hypervisor.vm import VMManager, VMState
+from cloudlet.overlay.create import create_overlay
+from cloudlet.synthesis.base import BaseStore
+
+
+async def capture_overlay(
+    paths: Paths,
+    vm_id: str,
+    out: Path,
+    *,
+    level: int = 3,
+    keep_paused: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    mgr = VMManager(paths)
+    vm = mgr.get(vm_id)
+    if vm.state not in (VMState.RUNNING, VMState.PAUSED):
+        raise ConflictError(f"VM {vm.id} is {vm.state.value}; overlay create needs it running")
+    if vm.source.kind != "base":
+        raise ConflictError(
+            f"VM {vm.id} was booted from image {vm.source.name!r}, not from a base VM",
+            hint="start the customization VM with `cloudlet vm start --base NAME`",
+        )
+    base = BaseStore(paths).get(vm.source.name)
+    if base.base_id != vm.source.content_id:
+        raise ConflictError(f"base VM {base.name!r} changed since VM {vm.id} was started from it")
+    with mgr.locked(vm):
+        async with await Monitor.connect(vm.qmp_path) as mon:
+            await mgr.pause(vm, mon)
+            try:
+                await mgr.save_devstate(vm, mon, vm.devstate_path)
+                stats = await asyncio.to_thread(
+                    create_overlay,
+                    base.ref(),
+                    vm.dir,
+                    out,
+                    hardware=vm.hardware.to_dict(),
+                    meta={"guest_ports": [f.guest for f in vm.forwards], "base_name": base.name},
+                    level=level,
+                    progress=progress,
+                )
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    vm.devstate_path.unlink()
+                if not keep_paused:
+                    await mon.execute("cont")
+    st = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
+    return {"vm": vm.id, "base": base.name, "base_id": base.base_id, "file": str(out)} | st

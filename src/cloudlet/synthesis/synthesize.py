@@ -1,0 +1,210 @@
+"""Synthesis: base VM + overlay -> a running VM, resumed from memory.
+
+The overlay is streamed (a file or an http(s) URL): a reader thread pulls bytes off the source
+while the delta engine checks and applies each segment as it arrives, so the RAM file and the
+disk layer are being rebuilt while the rest is still downloading. Then the VM is resumed from
+the rebuilt RAM file and device state; it runs with its application already in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cloudlet.config import Paths
+from cloudlet.errors import CloudletError, InvalidInputError, NotFoundError
+from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.vm import VM, VMManager
+from cloudlet.overlay.apply import apply_overlay
+from cloudlet.synthesis.base import BaseStore
+
+READ_CHUNK = 256 * 1024
+QUEUE_DEPTH = 64  # chunks buffered between the reader and the decoder (16 MiB)
+
+
+class FetchError(CloudletError):
+    """The overlay could not be read from its source (unreachable, cut off, not found)."""
+
+    exit_code = 8
+    status_code = 502
+
+
+@dataclass
+class Fetch:
+    """Bytes from a path or URL, read by a background thread; records when the last byte came."""
+
+    source: str
+    bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    total: int | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        q: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_DEPTH)
+        stop = threading.Event()
+
+        def put(item: bytes | BaseException | None) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                for chunk in self._read():
+                    self.bytes += len(chunk)
+                    if not put(chunk):
+                        return
+                self.finished = time.monotonic()
+                put(None)
+            except BaseException as e:  # handed to the consumer, which raises it
+                put(e)
+
+        t = threading.Thread(target=reader, name="overlay-fetch", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(5)
+
+    def _read(self) -> Iterator[bytes]:
+        if self.source.startswith(("http://", "https://")):
+            yield from self._read_http()
+            return
+        p = Path(self.source)
+        if not p.is_file():
+            raise NotFoundError(f"no overlay file {self.source}")
+        self.total = p.stat().st_size
+        with open(p, "rb") as f:
+            while chunk := f.read(READ_CHUNK):
+                yield chunk
+
+    def _read_http(self) -> Iterator[bytes]:
+        try:
+            with (
+                httpx.Client(timeout=httpx.Timeout(30.0, read=60.0)) as client,
+                client.stream("GET", self.source) as r,
+            ):
+                if r.status_code != 200:
+                    raise FetchError(
+                        f"cannot fetch the overlay: {self.source} answered {r.status_code}",
+                        hint="check the URL",
+                    )
+                length = r.headers.get("content-length")
+                self.total = int(length) if length and length.isdigit() else None
+                got = 0
+                for chunk in r.iter_raw(READ_CHUNK):
+                    got += len(chunk)
+                    yield chunk
+                if self.total is not None and got < self.total:
+                    raise FetchError(
+                        f"the overlay download stopped after {got} of {self.total} bytes"
+                    )
+        except httpx.HTTPError as e:
+            raise FetchError(
+                f"cannot fetch the overlay from {self.source}: {type(e).__name__}: {e}",
+                hint="check that the server is reachable and try again",
+            ) from e
+
+
+@dataclass
+class SynthesisResult:
+    vm: VM
+    timings: dict[str, float]
+    overlay_bytes: int
+    stats: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.vm.summary() | {
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+            "overlay_bytes": self.overlay_bytes,
+        }
+
+
+async def synthesize(
+    paths: Paths,
+    base_name: str,
+    source: str,
+    *,
+    forwards: list[PortForward] | None = None,
+    name: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    first_response_timeout: float = 30.0,
+) -> SynthesisResult:
+    """Rebuild a VM from ``base_name`` and the overlay at ``source``, resume it, time it."""
+    if not source:
+        raise InvalidInputError("no overlay source given")
+    bases = BaseStore(paths)
+    base = bases.get(base_name)
+    mgr = VMManager(paths)
+    src = base.boot_source()
+    t0 = time.monotonic()
+    vm = mgr.new_vm(src, base.hardware, forwards=bases.forwards_for(src, forwards), name=name)
+    fetch = Fetch(source)
+    try:
+        stats = await asyncio.to_thread(
+            apply_overlay,
+            fetch.chunks(),
+            base.ref(),
+            vm.dir,
+            backing=str(base.path("disk.raw")),
+            expected_base_id=base.base_id,
+            progress=progress,
+        )
+        t_applied = time.monotonic()
+        mgr.mark_suspended(vm)
+        vm = await mgr.resume(vm.id)
+        t_resumed = time.monotonic()
+    except BaseException:
+        await mgr.discard(vm)
+        raise
+    t_first = await first_response(vm, first_response_timeout)
+    st = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
+    timings = {
+        "fetch_s": (fetch.finished or t_applied) - t0,
+        "decode_s": float(st.get("decode_s", 0.0)),
+        "apply_s": float(st.get("apply_s", 0.0)),
+        "stream_s": t_applied - t0,  # fetch, decode and apply, overlapped
+        "resume_s": t_resumed - t_applied,
+        "first_response_s": (t_first - t_resumed) if t_first else -1.0,
+        "total_s": (t_first or t_resumed) - t0,
+    }
+    return SynthesisResult(vm, timings, fetch.bytes, st)
+
+
+async def first_response(vm: VM, timeout: float) -> float | None:
+    """Time of the first application-level answer on the VM's first forwarded port."""
+    if not vm.forwards:
+        return None
+    f = vm.forwards[0]
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if f.guest in (80, 8080):
+                    await client.get(f"http://{f.host_addr}:{f.host}/")
+                else:
+                    _, w = await asyncio.open_connection(f.host_addr, f.host)
+                    w.close()
+                return time.monotonic()
+            except (httpx.HTTPError, OSError):
+                await asyncio.sleep(0.005)
+    return None
