@@ -5,8 +5,10 @@ their host offsets, and we ``pread`` the data straight from the qcow2 file: no N
 full conversion. Only compressed clusters (no host offset) need ``qemu-img convert`` of the
 top layer alone, done lazily.
 
-Writing: there is no maintained Python qcow2 writer, and ``qemu-io`` cannot take write data
-from a file (only patterns), so :class:`Qcow2Writer` writes qcow2 v3 itself. It streams data
+Writing: there is no maintained Python qcow2 writer. ``qemu-io`` only fills a write from a
+pattern or (``write -s FILE``) from a file, one command and one file per range, and
+``qemu-img convert`` needs a complete source image: neither can take clusters as they arrive
+from a stream. So :class:`Qcow2Writer` writes qcow2 v3 itself. It streams data
 clusters to the file in arrival order (one pass, nothing buffered but one L2 table per 512 MiB
 of touched guest disk), then appends the L2 tables, L1 table and refcount structures, and
 writes the header last: a file cut short has no qcow2 magic and can never be opened as valid.
@@ -88,9 +90,10 @@ def _run(args: list[str]) -> str:
     return r.stdout
 
 
-def qemu_img_info(path: Path | str) -> dict[str, Any]:
+def qemu_img_info(path: Path | str, *, force_share: bool = False) -> dict[str, Any]:
     """``qemu-img info --output=json`` of one image (no backing chain)."""
-    info: dict[str, Any] = json.loads(_run(["qemu-img", "info", "--output=json", str(path)]))
+    args = ["qemu-img", "info", "--output=json", *(["-U"] if force_share else []), str(path)]
+    info: dict[str, Any] = json.loads(_run(args))
     return info
 
 
@@ -149,7 +152,7 @@ class TopLayer:
 
     def __init__(self, path: Path | str, *, force_share: bool = False, tmp_dir: Path | None = None):
         self.path = Path(path).absolute()  # so qemu-img reports an absolute backing path
-        info = qemu_img_info(self.path)
+        info = qemu_img_info(self.path, force_share=force_share)
         if info.get("format") != "qcow2":
             raise Qcow2Error(f"{self.path} is {info.get('format')!r}, not qcow2")
         self.virtual_size = int(info["virtual-size"])
