@@ -1,0 +1,148 @@
+"""The cloudlet's core, composed once per process: what the HTTP layer and the CLI both call.
+
+``Cloudlet(paths)`` opens the catalog (running migrations) and wires the stores together. The
+server additionally calls :meth:`Cloudlet.start_server` (recovery after a crash, re-adoption of
+running instances, the idle reaper, the bootstrap) and :meth:`Cloudlet.close` at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudlet import __version__
+from cloudlet.catalog.db import Catalog
+from cloudlet.catalog.tokens import TokenStore
+from cloudlet.config import Paths
+from cloudlet.errors import CloudletError, ConflictError
+from cloudlet.hypervisor.vm import VMManager
+from cloudlet.operations.runner import OperationRunner
+from cloudlet.services.host import host_info
+from cloudlet.services.instances import InstanceManager
+from cloudlet.services.overlays import DEFAULT_MAX_UPLOAD, OverlayStore
+from cloudlet.services.registry import ServiceRegistry
+
+SERVER_LOCK = "server.lock"
+
+
+@dataclass
+class Settings:
+    """How a cloudlet is run (``cloudlet serve`` options)."""
+
+    name: str = field(default_factory=socket.gethostname)
+    idle_timeout: float = 600.0
+    max_upload: int = DEFAULT_MAX_UPLOAD
+    public_info: bool = False
+    bootstrap: bool = True
+
+
+class Cloudlet:
+    def __init__(self, paths: Paths, settings: Settings | None = None) -> None:
+        self.paths = paths
+        self.settings = settings or Settings()
+        self.catalog = Catalog(paths)
+        self.tokens = TokenStore(self.catalog)
+        self.runner = OperationRunner(self.catalog)
+        self.overlays = OverlayStore(self.catalog, paths, max_upload=self.settings.max_upload)
+        self.registry = ServiceRegistry(self.catalog, paths, self.overlays)
+        self.instances = InstanceManager(
+            self.catalog,
+            paths,
+            self.registry,
+            self.overlays,
+            self.runner,
+            idle_timeout=self.settings.idle_timeout,
+        )
+        self.vms = VMManager(paths)
+        self._lock_fd: int | None = None
+        self.bootstrap_op: str | None = None
+
+    # -- server lifecycle ----------------------------------------------------------------
+    async def start_server(self) -> dict[str, Any]:
+        """Take the data dir, recover from a crash, re-adopt instances, start background work."""
+        self._take_lock()
+        report: dict[str, Any] = {
+            "operations_failed": self.runner.recover(),
+            "overlays_killed": self.overlays.recover(),
+        }
+        report |= await self.instances.recover()
+        self.instances.start_reaper()
+        from cloudlet.services import bootstrap
+
+        if self.settings.bootstrap and not bootstrap.is_done(self):
+            self.bootstrap_op = self.runner.submit(
+                "bootstrap", lambda ctx: bootstrap.bootstrap(self, ctx), target="services"
+            )
+        return report
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.paths.home / SERVER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConflictError(
+                f"another cloudlet server runs on {self.paths.home}",
+                hint="stop it, or give this one another --data-dir",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def close(self) -> None:
+        """Stop background work. Instances keep running (a restarted server re-adopts them)."""
+        await self.instances.close()
+        await self.runner.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.catalog.close()
+
+    # -- views ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        from cloudlet.hypervisor.accel import choose_accel
+
+        accel: dict[str, Any] | None = None
+        with contextlib.suppress(CloudletError, OSError):
+            accel_file = self.paths.cache / "accel.json"
+            if accel_file.exists() or os.environ.get("CLOUDLET_ACCEL"):
+                accel = choose_accel(self.paths, None).to_dict()
+        return {
+            "name": self.settings.name,
+            "version": __version__,
+            **host_info(),
+            "accelerator": accel,
+            "bases": [b["name"] for b in self.list_bases()],
+            "services": [s["service_id"] for s in self.registry.list()],
+            "instances": {"running": self.instances.count("running")},
+        }
+
+    def list_bases(self) -> list[dict[str, Any]]:
+        try:
+            from cloudlet.synthesis.base import BaseStore
+        except ImportError:  # synthesis not importable: report no bases rather than fail
+            return []
+        return [b.summary() for b in BaseStore(self.paths).list()]
+
+    async def wait_bootstrap(self, timeout: float | None = None) -> dict[str, Any] | None:
+        if self.bootstrap_op is None:
+            return None
+        return await self.runner.wait(self.bootstrap_op, timeout)
+
+
+async def run_local(paths: Paths, fn: Any) -> Any:
+    """Run ``fn(core)`` against a core opened in this process (the CLI without a server)."""
+    core = Cloudlet(paths, Settings(bootstrap=False))
+    try:
+        res = fn(core)
+        if asyncio.iscoroutine(res):
+            res = await res
+        return res
+    finally:
+        await core.runner.close()
+        core.catalog.close()

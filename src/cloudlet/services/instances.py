@@ -1,0 +1,521 @@
+"""The instance manager: start (with join), stop, users, the idle reaper, re-adoption.
+
+Join: each service has one asyncio lock; under it a start either adds its user to an instance
+of the service that is ``starting`` or ``running`` and has room (``max_users``), or records a
+new ``starting`` instance and submits its boot as an operation. The lock is held only for that
+decision (no I/O but the catalog), so 20 concurrent join-starts make one instance, and a user
+joining an instance that is still booting waits for that boot (its operation), not another one.
+
+Boot: the first start of a service synthesizes it (base VM + overlay, applied into a new VM
+directory), copies the rebuilt snapshot into the :class:`~.cache.SnapshotCache` and resumes it;
+later starts copy the cached snapshot into a new VM directory and resume it (no overlay
+decoding at all).
+
+Re-adoption at server start: an instance recorded ``running`` whose QEMU is alive and whose QMP
+monitor answers is kept; every other one is marked failed and its VM removed, as are VMs the
+server made (named ``inst-*``) that no adopted instance owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import delete, func, select
+
+from cloudlet.catalog.db import Catalog, now
+from cloudlet.catalog.models import InstanceRow, InstanceUserRow
+from cloudlet.config import Paths
+from cloudlet.errors import (
+    CloudletError,
+    ConflictError,
+    EnvironmentProblem,
+    NotFoundError,
+    VMError,
+)
+from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.vm import VMManager, VMState
+from cloudlet.operations.runner import OperationContext, OperationRunner
+from cloudlet.services.cache import SnapshotCache, cache_key
+from cloudlet.services.host import mem_available_mib
+from cloudlet.services.models import check_service_id
+from cloudlet.services.overlays import OverlayStore
+from cloudlet.services.registry import ServiceRegistry
+
+log = logging.getLogger("cloudlet.instances")
+
+STARTING, RUNNING, STOPPING, STOPPED, FAILED = (
+    "starting",
+    "running",
+    "stopping",
+    "stopped",
+    "failed",
+)
+ACTIVE = (STARTING, RUNNING, STOPPING)
+VM_PREFIX = "inst-"
+FIRST_RESPONSE_TIMEOUT = 60.0
+
+
+def instance_dict(r: InstanceRow, users: list[str]) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "service_id": r.service_id,
+        "vm_id": r.vm_id,
+        "state": r.state,
+        "users": len(users),
+        "user_ids": users,
+        "max_users": r.max_users,
+        "endpoints": r.endpoints or {},
+        "start_kind": r.start_kind,
+        "operation": r.operation_id,
+        "timings": r.timings or {},
+        "error": r.error,
+        "created": r.created,
+        "ready_at": r.ready_at,
+        "last_active": r.last_active,
+        "stopped_at": r.stopped_at,
+    }
+
+
+def _check_instance_id(iid: str) -> str:
+    if not isinstance(iid, str) or not (1 <= len(iid) <= 16) or not iid.isalnum():
+        from cloudlet.errors import InvalidInputError
+
+        raise InvalidInputError(f"invalid instance id {iid!r}", hint="see `cloudlet instance list`")
+    return iid
+
+
+class InstanceManager:
+    def __init__(
+        self,
+        catalog: Catalog,
+        paths: Paths,
+        registry: ServiceRegistry,
+        overlays: OverlayStore,
+        runner: OperationRunner,
+        *,
+        idle_timeout: float = 600.0,
+    ) -> None:
+        self.catalog = catalog
+        self.paths = paths
+        self.registry = registry
+        self.overlays = overlays
+        self.runner = runner
+        self.idle_timeout = idle_timeout
+        self.vms = VMManager(paths)
+        self.cache = SnapshotCache(paths)
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Called with (start_kind, timings, overlay_bytes) after each successful boot (metrics).
+        self.on_started: list[Callable[[str, dict[str, float], int], None]] = []
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- queries -------------------------------------------------------------------------
+    def _users(self, s: Any, iid: str) -> list[str]:
+        q = select(InstanceUserRow.user).where(InstanceUserRow.instance_id == iid)
+        return list(s.scalars(q.order_by(InstanceUserRow.joined)))
+
+    def _row(self, s: Any, iid: str) -> InstanceRow:
+        r = s.get(InstanceRow, _check_instance_id(iid))
+        if r is None:
+            raise NotFoundError(f"no instance {iid!r}", hint="see `cloudlet instance list`")
+        return r
+
+    def get(self, iid: str) -> dict[str, Any]:
+        with self.catalog.session() as s:
+            r = self._row(s, iid)
+            return instance_dict(r, self._users(s, iid))
+
+    def list(self, *, service: str | None = None, all: bool = False) -> list[dict[str, Any]]:
+        with self.catalog.session() as s:
+            q = select(InstanceRow).order_by(InstanceRow.created)
+            if service is not None:
+                q = q.where(InstanceRow.service_id == check_service_id(service))
+            if not all:
+                q = q.where(InstanceRow.state.in_(ACTIVE))
+            rows = list(s.scalars(q))
+            users: dict[str, list[str]] = {r.id: [] for r in rows}
+            if rows:
+                uq = select(InstanceUserRow).where(InstanceUserRow.instance_id.in_(list(users)))
+                for u in s.scalars(uq.order_by(InstanceUserRow.joined)):
+                    users[u.instance_id].append(u.user)
+            return [instance_dict(r, users[r.id]) for r in rows]
+
+    def count(self, state: str = RUNNING) -> int:
+        with self.catalog.session() as s:
+            q = select(func.count()).select_from(InstanceRow).where(InstanceRow.state == state)
+            return int(s.scalar(q) or 0)
+
+    def console(self, iid: str, lines: int = 50) -> dict[str, Any]:
+        d = self.get(iid)
+        if not d["vm_id"]:
+            return {"id": iid, "lines": []}
+        try:
+            vm = self.vms.get(d["vm_id"])
+        except NotFoundError:
+            return {"id": iid, "lines": []}
+        return {"id": iid, "lines": vm.console_tail(lines)}
+
+    # -- start ---------------------------------------------------------------------------
+    def _lock(self, sid: str) -> asyncio.Lock:
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
+        return lock
+
+    def check_startable(self, svc: dict[str, Any]) -> None:
+        """A service can start only if its base VM and active overlay are here (else 409)."""
+        from cloudlet.synthesis.base import BaseStore
+
+        sid = svc["service_id"]
+        try:
+            base = BaseStore(self.paths).get(svc["base"])
+        except NotFoundError:
+            raise ConflictError(
+                f"service {sid} cannot start: its base VM {svc['base']!r} is not on this cloudlet",
+                hint="import or create the base VM first",
+            ) from None
+        if not svc["overlay"]:
+            raise ConflictError(
+                f"service {sid} cannot start: it has no overlay", hint="upload one and set it"
+            )
+        try:
+            self.overlays.active_path(svc["overlay"])
+        except (NotFoundError, ConflictError) as e:
+            raise ConflictError(f"service {sid} cannot start: {e.message}") from None
+        avail = mem_available_mib()
+        if avail is not None and avail < base.hardware.memory_mib:
+            raise EnvironmentProblem(
+                f"service {sid} needs {base.hardware.memory_mib} MiB, {avail} MiB are free",
+                hint="stop some instances",
+            )
+
+    async def start(
+        self, sid: str, *, join: bool = True, user: str | None = None
+    ) -> dict[str, Any]:
+        """Join an instance of ``sid`` with room, or start a new one (an operation).
+
+        Returns ``{"instance", "user", "joined", "operation"}``; ``operation`` is the id of the
+        boot to wait for (None when the joined instance is already running).
+        """
+        svc = self.registry.get(sid)
+        user = user or f"u-{secrets.token_hex(6)}"
+        async with self._lock(sid):
+            t = now()
+            with self.catalog.session() as s:
+                if join:
+                    inst = self._joinable(s, sid, user)
+                    if inst is not None:
+                        if s.get(InstanceUserRow, (inst.id, user)) is None:
+                            s.add(InstanceUserRow(instance_id=inst.id, user=user, joined=t))
+                        inst.last_active = t
+                        s.flush()
+                        d = instance_dict(inst, self._users(s, inst.id))
+                        op = inst.operation_id if inst.state == STARTING else None
+                        return {"instance": d, "user": user, "joined": True, "operation": op}
+            self.check_startable(svc)
+            iid = secrets.token_hex(6)
+            with self.catalog.session() as s:
+                s.add(
+                    InstanceRow(
+                        id=iid,
+                        service_id=sid,
+                        state=STARTING,
+                        max_users=svc["max_users"],
+                        endpoints={},
+                        timings={},
+                        created=t,
+                        last_active=t,
+                    )
+                )
+                s.flush()
+                s.add(InstanceUserRow(instance_id=iid, user=user, joined=t))
+            op = self.runner.submit(
+                "instance.start",
+                lambda ctx: self._boot_op(ctx, iid),
+                target=f"instances/{iid}",
+            )
+            with self.catalog.session() as s:
+                r = self._row(s, iid)
+                r.operation_id = op
+                d = instance_dict(r, self._users(s, iid))
+        return {"instance": d, "user": user, "joined": False, "operation": op}
+
+    def _joinable(self, s: Any, sid: str, user: str) -> InstanceRow | None:
+        q = select(InstanceRow).where(
+            InstanceRow.service_id == sid, InstanceRow.state.in_((STARTING, RUNNING))
+        )
+        rows = list(s.scalars(q.order_by(InstanceRow.created)))
+        for r in rows:  # the same user again: the instance it is in already
+            if s.get(InstanceUserRow, (r.id, user)) is not None:
+                return r
+        best = None
+        for r in rows:  # fill the fullest instance with room (fewest instances overall)
+            n = len(self._users(s, r.id))
+            if n < r.max_users and (best is None or n > best[1]):
+                best = (r, n)
+        return best[0] if best else None
+
+    async def wait(self, start: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """Wait for a start's boot (if any) and return the instance as it ends up."""
+        iid = start["instance"]["id"]
+        if start.get("operation"):
+            op = await self.runner.wait(start["operation"], timeout)
+            if op["state"] != "succeeded":
+                err = op.get("error") or {}
+                raise VMError(
+                    f"instance {iid} did not start: {err.get('message', op['state'])}",
+                    hint=err.get("hint"),
+                )
+        return self.get(iid)
+
+    async def _boot_op(self, ctx: OperationContext, iid: str) -> dict[str, Any]:
+        try:
+            return await self._boot(ctx, iid)
+        except BaseException as e:
+            msg = e.message if isinstance(e, CloudletError) else (str(e) or type(e).__name__)
+            with self.catalog.session() as s:
+                r = s.get(InstanceRow, iid)
+                if r is not None:
+                    stopping = r.state in (STOPPING, STOPPED)
+                    r.state = STOPPED if stopping else FAILED
+                    r.error = None if stopping else msg
+                    r.stopped_at = now()
+                    s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
+            raise
+
+    async def _boot(self, ctx: OperationContext, iid: str) -> dict[str, Any]:
+        from cloudlet.overlay import apply_overlay, file_chunks
+        from cloudlet.synthesis.base import BaseStore
+        from cloudlet.synthesis.synthesize import first_response
+
+        t0 = time.monotonic()
+        with self.catalog.session() as s:
+            sid = self._row(s, iid).service_id
+        svc = self.registry.get(sid)
+        bases = BaseStore(self.paths)
+        base = bases.get(svc["base"])
+        overlay = self.overlays.get(svc["overlay"])
+        overlay_path = self.overlays.active_path(svc["overlay"])
+        key = cache_key(overlay["sha256"], base.base_id)
+        src = base.boot_source()
+        fwd = bases.forwards_for(src, [PortForward(p, 0, auto=True) for p in svc["guest_ports"]])
+        vm = self.vms.new_vm(src, base.hardware, forwards=fwd, name=f"{VM_PREFIX}{iid}")
+        with self.catalog.session() as s:
+            self._row(s, iid).vm_id = vm.id
+        timings: dict[str, float] = {}
+        overlay_bytes = 0
+        hit: dict[str, Any] | None = None
+        try:
+            hit = self.cache.lookup(sid, key)
+            if hit is not None:
+                ctx.progress(0.1, "copying the cached snapshot")
+                await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
+                kind = "cached"
+            else:
+                ctx.progress(0.02, "applying the overlay")
+                await asyncio.to_thread(
+                    apply_overlay,
+                    file_chunks(overlay_path),
+                    base.ref(),
+                    vm.dir,
+                    backing=str(base.path("disk.raw")),
+                    expected_base_id=base.base_id,
+                    progress=ctx.step_progress(0.02, 0.8),
+                )
+                overlay_bytes = overlay["size"]
+                timings["apply_s"] = time.monotonic() - t0
+                ctx.progress(0.82, "caching the snapshot")
+                try:
+                    await asyncio.to_thread(
+                        self.cache.store,
+                        sid,
+                        key,
+                        vm.dir,
+                        {"service_id": sid, "overlay": overlay["id"], "base_id": base.base_id},
+                    )
+                except OSError as e:  # the cache only speeds up later starts
+                    log.warning("could not cache the snapshot of %s: %s", sid, e)
+                kind = "synthesis"
+            t_prepared = time.monotonic()
+            self.vms.mark_suspended(vm)
+            ctx.progress(0.9, "resuming")
+            vm = await self.vms.resume(vm.id)
+            t_resumed = time.monotonic()
+            ctx.progress(0.95, "waiting for the first response")
+            t_first = await first_response(vm, FIRST_RESPONSE_TIMEOUT)
+            if t_first is None and vm.forwards:
+                raise VMError(
+                    f"instance {iid}: no answer on guest port {vm.forwards[0].guest} "
+                    f"within {FIRST_RESPONSE_TIMEOUT:g} s",
+                    hint="see its console with `cloudlet instance logs`",
+                )
+        except BaseException as e:
+            await self.vms.discard(vm)
+            if hit is not None and not isinstance(e, asyncio.CancelledError):
+                self.cache.drop(sid, key)  # a cache entry that fails to resume is not kept
+            raise
+        t_end = t_first or t_resumed
+        timings |= {
+            "prepare_s": t_prepared - t0,
+            "resume_s": t_resumed - t_prepared,
+            "first_response_s": t_end - t_resumed,
+            "total_s": t_end - t0,
+        }
+        timings = {k: round(v, 4) for k, v in timings.items()}
+        endpoints = {
+            str(f.guest): {"host": f.host_addr, "port": f.host, "url": f.url}
+            for f in vm.forwards
+            if f.host
+        }
+        with self.catalog.session() as s:
+            r = self._row(s, iid)
+            if r.state != STARTING:  # stopped while it booted: do not resurrect it
+                raise asyncio.CancelledError()
+            r.state, r.endpoints, r.start_kind = RUNNING, endpoints, kind
+            r.timings, r.ready_at, r.last_active = timings, now(), now()
+            d = instance_dict(r, self._users(s, iid))
+        for cb in self.on_started:
+            with contextlib.suppress(Exception):
+                cb(kind, timings, overlay_bytes)
+        return {"instance": d}
+
+    # -- stop / leave --------------------------------------------------------------------
+    async def stop(self, iid: str) -> dict[str, Any]:
+        """Stop an instance whatever its users (its VM is disposable: killed, not shut down)."""
+        d = self.get(iid)
+        if d["state"] in (STOPPED, FAILED):
+            return d
+        async with self._lock(d["service_id"]):
+            with self.catalog.session() as s:
+                r = self._row(s, iid)
+                state, vm_id, op = r.state, r.vm_id, r.operation_id
+                if state in (STOPPED, FAILED):
+                    return instance_dict(r, self._users(s, iid))
+                r.state = STOPPING
+        if state == STARTING and op:
+            with contextlib.suppress(ConflictError, NotFoundError):
+                self.runner.cancel(op)
+            with contextlib.suppress(Exception):
+                await self.runner.wait(op, 30)
+        with self.catalog.session() as s:
+            vm_id = self._row(s, iid).vm_id or vm_id
+        if vm_id:
+            with contextlib.suppress(NotFoundError):
+                await self.vms.delete(vm_id, force=True)
+        with self.catalog.session() as s:
+            r = self._row(s, iid)
+            r.state, r.stopped_at = STOPPED, now()
+            s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
+            return instance_dict(r, [])
+
+    def leave(self, iid: str, user: str) -> dict[str, Any]:
+        """Remove ``user`` from an instance; with no users left it idles until reaped."""
+        with self.catalog.session() as s:
+            r = self._row(s, iid)
+            u = s.get(InstanceUserRow, (iid, user))
+            if u is None:
+                raise NotFoundError(f"user {user!r} is not in instance {iid}")
+            s.delete(u)
+            r.last_active = now()
+            s.flush()
+            return instance_dict(r, self._users(s, iid))
+
+    # -- background ----------------------------------------------------------------------
+    async def reap_once(self) -> list[str]:
+        """Stop instances idle (no users) past the timeout; mark dead VMs' instances failed."""
+        stopped = []
+        t = now()
+        for d in self.list():
+            if d["state"] != RUNNING:
+                continue
+            alive = False
+            if d["vm_id"]:
+                with contextlib.suppress(CloudletError):
+                    alive = self.vms.get(d["vm_id"]).state is VMState.RUNNING
+            if not alive:
+                self._fail(d["id"], "its VM stopped or crashed")
+                if d["vm_id"]:
+                    with contextlib.suppress(CloudletError):
+                        await self.vms.delete(d["vm_id"], force=True)
+                continue
+            if d["users"] == 0 and t - d["last_active"] > self.idle_timeout:
+                log.info("stopping idle instance %s of %s", d["id"], d["service_id"])
+                await self.stop(d["id"])
+                stopped.append(d["id"])
+        return stopped
+
+    async def _reap_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reap_once()
+            except Exception:
+                log.exception("idle reaper pass failed")
+
+    def start_reaper(self) -> None:
+        interval = max(0.2, min(self.idle_timeout / 4, 10.0))
+        self._reaper = asyncio.create_task(self._reap_forever(interval), name="idle-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    def _fail(self, iid: str, why: str) -> None:
+        with self.catalog.session() as s:
+            r = self._row(s, iid)
+            r.state, r.error, r.stopped_at = FAILED, why, now()
+            s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
+
+    async def recover(self) -> dict[str, list[str]]:
+        """At server start: re-adopt live instances, fail and clean the rest (see module doc)."""
+        adopted: list[str] = []
+        failed: list[str] = []
+        keep: set[str] = set()
+        with self.catalog.session() as s:
+            rows = [(r.id, r.state, r.vm_id) for r in s.scalars(
+                select(InstanceRow).where(InstanceRow.state.in_(ACTIVE)))]  # fmt: skip
+        for iid, state, vm_id in rows:
+            if state == RUNNING and vm_id and await self._vm_answers(vm_id):
+                adopted.append(iid)
+                keep.add(vm_id)
+                continue
+            why = (
+                "interrupted by server restart"
+                if state != RUNNING
+                else "its VM did not survive the server restart"
+            )
+            self._fail(iid, why)
+            failed.append(iid)
+            if vm_id:
+                with contextlib.suppress(CloudletError, OSError):
+                    await self.vms.delete(vm_id, force=True)
+        for vm in self.vms.list():
+            if vm.name.startswith(VM_PREFIX) and vm.id not in keep:
+                with contextlib.suppress(CloudletError, OSError):
+                    await self.vms.delete(vm.id, force=True)
+        self.cache.clean_staging()
+        return {"adopted": adopted, "failed": failed}
+
+    async def _vm_answers(self, vm_id: str) -> bool:
+        from cloudlet.hypervisor.qmp import Monitor
+
+        try:
+            vm = self.vms.get(vm_id)
+        except CloudletError:
+            return False
+        if vm.state is not VMState.RUNNING or not vm.process_alive():
+            return False
+        try:
+            async with await Monitor.connect(vm.qmp_path, timeout=3) as mon:
+                st = await asyncio.wait_for(mon.execute("query-status"), 3)
+                return bool(st.get("running"))
+        except (CloudletError, OSError, TimeoutError) as e:
+            log.info("VM %s (pid %s) does not answer on QMP: %s", vm_id, vm.pid, e)
+            return False
