@@ -7,6 +7,7 @@ The tiny image and the .deb cache live in one session home (``CLOUDLET_TEST_CACH
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -42,6 +43,20 @@ def tiny_image(session_home: Paths):  # type: ignore[no-untyped-def]
         return build_tiny(session_home, "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_base(session_home: Paths, tiny_image):  # type: ignore[no-untyped-def]
+    """Base VM ``tiny`` (256 MiB) in the session home, created once."""
+    from cloudlet.cli.common import run_async
+    from cloudlet.errors import NotFoundError
+    from cloudlet.synthesis.base import BaseStore
+
+    store = BaseStore(session_home)
+    try:
+        return store.get("tiny")
+    except NotFoundError:
+        return run_async(store.create(tiny_image, "tiny", memory_mib=256))
+
+
 @pytest.fixture
 def home(tmp_path: Path, session_home: Paths, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
     """A fresh CLOUDLET_HOME sharing the session's images and caches; checks for QEMU leaks."""
@@ -58,10 +73,8 @@ def home(tmp_path: Path, session_home: Paths, monkeypatch: pytest.MonkeyPatch) -
 
     mgr = VMManager(p)
     for vm in mgr.list():
-        try:
+        with contextlib.suppress(Exception):
             run_async(mgr.delete(vm.id, force=True))
-        except Exception:
-            pass
     # Anything still running from this home is a QEMU nobody tracks: a leak.
     leaked = qemu_pids_mentioning(str(h))
     for pid in leaked:
@@ -69,3 +82,10 @@ def home(tmp_path: Path, session_home: Paths, monkeypatch: pytest.MonkeyPatch) -
     if leaked:
         time.sleep(0.2)
         pytest.fail(f"QEMU processes outlived the test untracked: {leaked}")
+
+
+@pytest.fixture
+def base_home(home: Paths, tiny_base) -> Paths:  # type: ignore[no-untyped-def]
+    """``home`` with the session's base VM ``tiny`` linked in."""
+    (home.bases / "tiny").symlink_to(tiny_base.dir)
+    return home

@@ -232,10 +232,8 @@ class BaseStore:
             shutil.copyfile(image.kernel_path, work / "vmlinuz")
         if image.initrd_path:
             shutil.copyfile(image.initrd_path, work / "initrd.img")
-        save_index(
-            work / "memory.idx.npy", await asyncio.to_thread(page_index, work / "memory.ram")
-        )
-        save_index(work / "disk.idx.npy", await asyncio.to_thread(page_index, work / "disk.raw"))
+        for data, idx in (("memory.ram", "memory.idx.npy"), ("disk.raw", "disk.idx.npy")):
+            save_index(await asyncio.to_thread(page_index, work / data), work / idx)
         base_id = await asyncio.to_thread(compute_base_id, work, vm.hardware)
         base = BaseVM(
             name=name,
@@ -391,8 +389,8 @@ class BaseStore:
             raise IntegrityError(f"{file} has no kernel")
         (work / EXPORT_MAGIC).unlink()
         # Indexes are derived data: recompute rather than trust them.
-        save_index(work / "memory.idx.npy", page_index(work / "memory.ram"))
-        save_index(work / "disk.idx.npy", page_index(work / "disk.raw"))
+        save_index(page_index(work / "memory.ram"), work / "memory.idx.npy")
+        save_index(page_index(work / "disk.raw"), work / "disk.idx.npy")
         base.name = check_name(name or base.name, "base name")
         atomic_write_json(work / BASE_RECORD, base.to_dict())
         for n in (*DATA_FILES, *BOOT_FILES, *INDEX_FILES):
