@@ -16,6 +16,12 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def overlay() -> None:
+    """Overlays: what a VM has that its base VM lacks, as one verifiable file."""
+    # A callback keeps ``overlay`` a group even while ``info`` is its only command.
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
