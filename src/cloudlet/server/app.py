@@ -32,6 +32,7 @@ from cloudlet.server.routers import (
     overlays,
     services,
     tokens,
+    vms,
 )
 from cloudlet.services.core import Cloudlet, Settings
 
@@ -110,7 +111,7 @@ def create_app(
     app.add_exception_handler(CloudletError, _cloudlet_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for r in (info, images, bases, overlays, services, instances, operations, tokens):
+    for r in (info, images, bases, overlays, services, instances, operations, tokens, vms):
         app.include_router(r.router)
 
     @app.get("/metrics", include_in_schema=False)

@@ -7,7 +7,6 @@ running instances, the idle reaper, the bootstrap) and :meth:`Cloudlet.close` at
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -39,6 +38,7 @@ class Settings:
     max_upload: int = DEFAULT_MAX_UPLOAD
     public_info: bool = False
     bootstrap: bool = True
+    keep_spares: bool = False  # standby VMs for cached starts (the server turns this on)
 
 
 class Cloudlet:
@@ -57,6 +57,7 @@ class Cloudlet:
             self.overlays,
             self.runner,
             idle_timeout=self.settings.idle_timeout,
+            keep_spares=self.settings.keep_spares,
         )
         self.vms = VMManager(paths)
         self._lock_fd: int | None = None
@@ -122,6 +123,17 @@ class Cloudlet:
             "instances": {"running": self.instances.count("running")},
         }
 
+    def base_detail(self, name: str) -> dict[str, Any]:
+        """A base VM with what uses it (VMs and services)."""
+        from cloudlet.synthesis.base import BaseStore
+
+        store = BaseStore(self.paths)
+        b = store.get(name)
+        return b.summary() | {
+            "hardware": b.hardware.to_dict(),
+            "used_by": {"vms": store.users(name), "services": self.registry.bases_in_use(name)},
+        }
+
     def list_bases(self) -> list[dict[str, Any]]:
         try:
             from cloudlet.synthesis.base import BaseStore
@@ -133,16 +145,3 @@ class Cloudlet:
         if self.bootstrap_op is None:
             return None
         return await self.runner.wait(self.bootstrap_op, timeout)
-
-
-async def run_local(paths: Paths, fn: Any) -> Any:
-    """Run ``fn(core)`` against a core opened in this process (the CLI without a server)."""
-    core = Cloudlet(paths, Settings(bootstrap=False))
-    try:
-        res = fn(core)
-        if asyncio.iscoroutine(res):
-            res = await res
-        return res
-    finally:
-        await core.runner.close()
-        core.catalog.close()

@@ -39,12 +39,13 @@ from cloudlet.errors import (
     VMError,
 )
 from cloudlet.hypervisor.ports import PortForward
-from cloudlet.hypervisor.vm import VMManager, VMState
+from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.operations.runner import OperationContext, OperationRunner
 from cloudlet.services.cache import SnapshotCache, cache_key
 from cloudlet.services.host import mem_available_mib
 from cloudlet.services.models import check_service_id
 from cloudlet.services.overlays import OverlayStore
+from cloudlet.services.probe import first_answer
 from cloudlet.services.registry import ServiceRegistry
 
 log = logging.getLogger("cloudlet.instances")
@@ -100,6 +101,7 @@ class InstanceManager:
         runner: OperationRunner,
         *,
         idle_timeout: float = 600.0,
+        keep_spares: bool = False,
     ) -> None:
         self.catalog = catalog
         self.paths = paths
@@ -113,6 +115,12 @@ class InstanceManager:
         # Called with (start_kind, timings, overlay_bytes) after each successful boot (metrics).
         self.on_started: list[Callable[[str, dict[str, float], int], None]] = []
         self._reaper: asyncio.Task[None] | None = None
+        # Standby VMs: a suspended copy of a service's cached snapshot, made ahead of time so
+        # that a cached start only resumes (copying a 128 MB RAM file alone takes ~0.25 s).
+        self.keep_spares = keep_spares
+        self._spares: dict[tuple[str, str], str] = {}
+        self._spare_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        registry.on_change.append(self.forget_service)
 
     # -- queries -------------------------------------------------------------------------
     def _users(self, s: Any, iid: str) -> list[str]:
@@ -291,7 +299,6 @@ class InstanceManager:
     async def _boot(self, ctx: OperationContext, iid: str) -> dict[str, Any]:
         from cloudlet.overlay import apply_overlay, file_chunks
         from cloudlet.synthesis.base import BaseStore
-        from cloudlet.synthesis.synthesize import first_response
 
         t0 = time.monotonic()
         with self.catalog.session() as s:
@@ -302,17 +309,21 @@ class InstanceManager:
         overlay = self.overlays.get(svc["overlay"])
         overlay_path = self.overlays.active_path(svc["overlay"])
         key = cache_key(overlay["sha256"], base.base_id)
-        src = base.boot_source()
-        fwd = bases.forwards_for(src, [PortForward(p, 0, auto=True) for p in svc["guest_ports"]])
-        vm = self.vms.new_vm(src, base.hardware, forwards=fwd, name=f"{VM_PREFIX}{iid}")
-        with self.catalog.session() as s:
-            self._row(s, iid).vm_id = vm.id
+        fwd = self._forwards(bases, base, svc)
         timings: dict[str, float] = {}
         overlay_bytes = 0
-        hit: dict[str, Any] | None = None
+        hit = self.cache.lookup(sid, key)
+        vm = self._take_spare(sid, key, f"{VM_PREFIX}{iid}") if hit is not None else None
+        if vm is None:
+            vm = self.vms.new_vm(
+                base.boot_source(), base.hardware, forwards=fwd, name=f"{VM_PREFIX}{iid}"
+            )
+        with self.catalog.session() as s:
+            self._row(s, iid).vm_id = vm.id
         try:
-            hit = self.cache.lookup(sid, key)
-            if hit is not None:
+            if vm.state is VMState.SUSPENDED:
+                kind = "cached"  # a standby copy of the cached snapshot: resume it as is
+            elif hit is not None:
                 ctx.progress(0.1, "copying the cached snapshot")
                 await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
                 kind = "cached"
@@ -342,23 +353,29 @@ class InstanceManager:
                     log.warning("could not cache the snapshot of %s: %s", sid, e)
                 kind = "synthesis"
             t_prepared = time.monotonic()
-            self.vms.mark_suspended(vm)
+            if vm.state is not VMState.SUSPENDED:
+                self.vms.mark_suspended(vm)
             ctx.progress(0.9, "resuming")
             vm = await self.vms.resume(vm.id)
             t_resumed = time.monotonic()
             ctx.progress(0.95, "waiting for the first response")
-            t_first = await first_response(vm, FIRST_RESPONSE_TIMEOUT)
-            if t_first is None and vm.forwards:
-                raise VMError(
-                    f"instance {iid}: no answer on guest port {vm.forwards[0].guest} "
-                    f"within {FIRST_RESPONSE_TIMEOUT:g} s",
-                    hint="see its console with `cloudlet instance logs`",
-                )
+            t_first = None
+            if vm.forwards:
+                f = vm.forwards[0]
+                t_first = await first_answer(f.host_addr, f.host, f.guest, FIRST_RESPONSE_TIMEOUT)
+                if t_first is None:
+                    raise VMError(
+                        f"instance {iid}: no answer on guest port {f.guest} "
+                        f"within {FIRST_RESPONSE_TIMEOUT:g} s",
+                        hint="see its console with `cloudlet instance logs`",
+                    )
         except BaseException as e:
             await self.vms.discard(vm)
             if hit is not None and not isinstance(e, asyncio.CancelledError):
                 self.cache.drop(sid, key)  # a cache entry that fails to resume is not kept
             raise
+        if self.keep_spares and self.cache.lookup(sid, key) is not None:
+            self._refill_spare(sid, key, bases, base, fwd)
         t_end = t_first or t_resumed
         timings |= {
             "prepare_s": t_prepared - t0,
@@ -383,6 +400,61 @@ class InstanceManager:
             with contextlib.suppress(Exception):
                 cb(kind, timings, overlay_bytes)
         return {"instance": d}
+
+    # -- standby VMs -------------------------------------------------------------------
+    def _forwards(self, bases: Any, base: Any, svc: dict[str, Any]) -> list[PortForward]:
+        wanted = [PortForward(p, 0, auto=True) for p in svc["guest_ports"]]
+        fwd: list[PortForward] = bases.forwards_for(base.boot_source(), wanted)
+        return fwd
+
+    def _take_spare(self, sid: str, key: str, name: str) -> VM | None:
+        vm_id = self._spares.pop((sid, key), None)
+        if vm_id is None:
+            return None
+        try:
+            vm = self.vms.get(vm_id)
+        except CloudletError:
+            return None
+        if vm.state is not VMState.SUSPENDED:
+            return None
+        vm.name = name
+        vm.save()
+        return vm
+
+    def _refill_spare(self, sid: str, key: str, bases: Any, base: Any, fwd: Any) -> None:
+        if (sid, key) in self._spares or (sid, key) in self._spare_tasks:
+            return
+        task = asyncio.create_task(self._make_spare(sid, key, base, fwd), name=f"spare-{sid}")
+        self._spare_tasks[(sid, key)] = task
+        task.add_done_callback(lambda _t: self._spare_tasks.pop((sid, key), None))
+
+    async def _make_spare(self, sid: str, key: str, base: Any, fwd: list[PortForward]) -> None:
+        name = f"{VM_PREFIX}spare-{secrets.token_hex(4)}"
+        vm = self.vms.new_vm(base.boot_source(), base.hardware, forwards=fwd, name=name)
+        try:
+            await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
+            self.vms.mark_suspended(vm)
+        except BaseException as e:
+            await self.vms.discard(vm)
+            if not isinstance(e, asyncio.CancelledError):
+                log.warning("could not prepare a standby VM for %s: %s", sid, e)
+                return
+            raise
+        self._spares[(sid, key)] = vm.id
+
+    def forget_service(self, sid: str) -> None:
+        """Drop the standby VMs of a service whose overlay or base changed, or that is gone."""
+        for k, task in list(self._spare_tasks.items()):
+            if k[0] == sid:
+                task.cancel()
+        for k in [k for k in self._spares if k[0] == sid]:
+            vm_id = self._spares.pop(k)
+            with contextlib.suppress(RuntimeError):  # no loop: the restart cleans it up
+                asyncio.get_running_loop().create_task(self._delete_vm(vm_id))
+
+    async def _delete_vm(self, vm_id: str) -> None:
+        with contextlib.suppress(CloudletError, OSError):
+            await self.vms.delete(vm_id, force=True)
 
     # -- stop / leave --------------------------------------------------------------------
     async def stop(self, iid: str) -> dict[str, Any]:
@@ -462,10 +534,18 @@ class InstanceManager:
         self._reaper = asyncio.create_task(self._reap_forever(interval), name="idle-reaper")
 
     async def close(self) -> None:
+        """Stop the reaper and remove the standby VMs (running instances stay)."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        tasks = list(self._spare_tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for vm_id in self._spares.values():
+            await self._delete_vm(vm_id)
+        self._spares.clear()
 
     def _fail(self, iid: str, why: str) -> None:
         with self.catalog.session() as s:

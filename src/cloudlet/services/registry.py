@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ class ServiceRegistry:
         self.paths = paths
         self.overlays = overlays
         self.cache_root = paths.cache / "services"
+        # Called with a service id when its overlay or base changed or it was deleted.
+        self.on_change: list[Callable[[str], None]] = []
 
     def _row(self, s: Any, sid: str) -> ServiceRow:
         check_service_id(sid)
@@ -187,6 +190,8 @@ class ServiceRegistry:
             d = service_dict(r)
         if current["overlay"] != d["overlay"] or current["base"] != d["base"]:
             self.drop_cache(sid)
+            for cb in self.on_change:
+                cb(sid)
         return d
 
     def delete(self, sid: str) -> dict[str, Any]:
@@ -204,6 +209,8 @@ class ServiceRegistry:
             s.flush()
             s.delete(r)
         self.drop_cache(sid)
+        for cb in self.on_change:
+            cb(sid)
         return d | {"deleted": True}
 
     def drop_cache(self, sid: str) -> None:

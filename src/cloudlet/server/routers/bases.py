@@ -27,15 +27,6 @@ def _store(core: Cloudlet) -> Any:
     return BaseStore(core.paths)
 
 
-def base_detail(core: Cloudlet, name: str) -> dict[str, Any]:
-    store = _store(core)
-    b = store.get(name)
-    return b.summary() | {
-        "hardware": b.hardware.to_dict(),
-        "used_by": {"vms": store.users(name), "services": core.registry.bases_in_use(name)},
-    }
-
-
 @router.get("")
 async def list_bases(core: Cloudlet = Depends(get_core)) -> list[dict[str, Any]]:
     return core.list_bases()
@@ -43,7 +34,7 @@ async def list_bases(core: Cloudlet = Depends(get_core)) -> list[dict[str, Any]]
 
 @router.get("/{name}")
 async def get_base(name: NameParam, core: Cloudlet = Depends(get_core)) -> dict[str, Any]:
-    return base_detail(core, name)
+    return core.base_detail(name)
 
 
 @router.post("", status_code=202)

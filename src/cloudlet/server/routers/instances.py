@@ -42,9 +42,7 @@ async def get_instance(iid: InstanceIdParam, core: Cloudlet = Depends(get_core))
 
 
 @router.post("/{iid}/stop")
-async def stop_instance(
-    iid: InstanceIdParam, core: Cloudlet = Depends(get_core)
-) -> dict[str, Any]:
+async def stop_instance(iid: InstanceIdParam, core: Cloudlet = Depends(get_core)) -> dict[str, Any]:
     return await core.instances.stop(iid)
 
 

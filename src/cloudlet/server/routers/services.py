@@ -61,9 +61,7 @@ async def update_service(
 
 
 @router.delete("/{sid}")
-async def delete_service(
-    sid: ServiceIdParam, core: Cloudlet = Depends(get_core)
-) -> dict[str, Any]:
+async def delete_service(sid: ServiceIdParam, core: Cloudlet = Depends(get_core)) -> dict[str, Any]:
     return core.registry.delete(sid)
 
 

@@ -1,0 +1,69 @@
+"""``cloudlet serve``: run the cloudlet server (the product's main job)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cloudlet.cli.common import console, handle_errors
+from cloudlet.cli.vm_cmd import parse_memory
+from cloudlet.config import paths
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+
+
+def _print_token(made: dict[str, Any]) -> None:
+    console.print(
+        "[bold]admin token[/] (shown once; also written to "
+        f"{made['file']} for the local CLI):\n  {made['token']}"
+    )
+
+
+@handle_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(9999, "--port", help="TCP port."),
+    data_dir: Path = typer.Option(
+        None, "--data-dir", envvar="CLOUDLET_HOME", help="Data directory (CLOUDLET_HOME)."
+    ),
+    public_info: bool = typer.Option(
+        False, "--public-info", help="Let GET /v1/info answer without a token."
+    ),
+    idle_timeout: float = typer.Option(
+        600.0, "--idle-timeout", help="Seconds an instance without users runs before it stops."
+    ),
+    max_upload: str = typer.Option("16G", "--max-upload", help="Largest upload accepted."),
+    name: str = typer.Option(None, "--name", help="This cloudlet's name (default: hostname)."),
+    bootstrap: bool = typer.Option(
+        True,
+        "--bootstrap/--no-bootstrap",
+        help="On first start, set up the tiny base VM and the sample service.",
+    ),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Serve the native API (/v1, docs at /docs, metrics at /metrics) for this data dir."""
+    import uvicorn
+
+    from cloudlet.server.app import create_app
+    from cloudlet.services.core import Settings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    p = paths(data_dir)
+    settings = Settings(
+        idle_timeout=idle_timeout,
+        max_upload=parse_memory(max_upload) << 20,
+        public_info=public_info,
+        bootstrap=bootstrap,
+        keep_spares=True,
+    )
+    if name:
+        settings.name = name
+    app = create_app(p, settings, on_admin_token=_print_token)
+    console.print(f"cloudlet serving {p.home} on http://{host}:{port} (API docs: /docs)")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
