@@ -5,7 +5,18 @@ from __future__ import annotations
 import typer
 
 from cloudlet import __version__
-from cloudlet.cli import base_cmd, image_cmd, overlay_cmd, synthesis_cmd, system_cmd, vm_cmd
+from cloudlet.cli import (
+    base_cmd,
+    image_cmd,
+    instance_cmd,
+    overlay_cmd,
+    serve_cmd,
+    service_cmd,
+    synthesis_cmd,
+    system_cmd,
+    token_cmd,
+    vm_cmd,
+)
 from cloudlet.cli.common import JsonOpt, emit
 
 app = typer.Typer(
@@ -20,6 +31,10 @@ app.add_typer(overlay_cmd.app, name="overlay")
 overlay_cmd.app.command("create")(synthesis_cmd.overlay_create)
 app.command("synthesize")(synthesis_cmd.synthesize)
 system_cmd.register(app)
+serve_cmd.register(app)
+app.add_typer(service_cmd.app, name="service")
+app.add_typer(instance_cmd.app, name="instance")
+app.add_typer(token_cmd.app, name="token")
 
 
 @app.command("version")
