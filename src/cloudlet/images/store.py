@@ -88,15 +88,17 @@ def disk_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def check_qcow2(path: Path) -> None:
+def check_qcow2(
+    path: Path, hint: str = "the disk is corrupt; rebuild or re-import the image"
+) -> None:
     """``qemu-img check``; leaked clusters (exit 3) waste space but are not corruption."""
     r = qemu_img("check", "-U", "-f", "qcow2", str(path))
     if r.returncode not in (0, 3):
-        lines = (r.stderr.strip() or r.stdout.strip()).splitlines()
-        detail = lines[-1] if lines else f"exit {r.returncode}"
+        summary = [ln for ln in r.stdout.splitlines() if "error" in ln.lower()]
+        summary += r.stderr.strip().splitlines()[-1:]
         raise IntegrityError(
-            f"{path.name}: qcow2 check failed: {detail}",
-            hint="the disk is corrupt; re-import or rebuild the image",
+            f"{path.name}: qcow2 check failed: {summary[0] if summary else r.returncode}",
+            hint=hint,
         )
 
 
@@ -178,6 +180,15 @@ class ImageStore:
     def dir(self, name: str) -> Path:
         return self.paths.images / check_name(name, "image name")
 
+    @property
+    def work_root(self) -> Path:
+        """Scratch space beside the images (same file system, so renames are atomic).
+
+        Not ``paths.tmp``: ``images/`` may be a symlink to another file system. The leading dot
+        keeps it out of the way of image names, which cannot start with one.
+        """
+        return self.paths.images / ".work"
+
     def exists(self, name: str) -> bool:
         return (self.dir(name) / IMAGE_MANIFEST).is_file()
 
@@ -203,7 +214,7 @@ class ImageStore:
             if not isinstance(data, dict):
                 raise TypeError("not an object")
             img = Image.from_dict(data, d)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, InvalidInputError) as e:
             raise IntegrityError(
                 f"image {name}: unreadable {IMAGE_MANIFEST}: {e}",
                 hint=f"delete it with `cloudlet image delete {name}` and rebuild or re-import",
@@ -217,10 +228,11 @@ class ImageStore:
         d = self.dir(name)
         if not d.is_dir():
             raise NotFoundError(f"no image named {name!r}", hint=_NOT_FOUND_HINT)
-        self.paths.tmp.mkdir(parents=True, exist_ok=True)
-        trash = Path(tempfile.mkdtemp(prefix=f"deleted-{name}.", dir=self.paths.tmp))
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        trash = Path(tempfile.mkdtemp(prefix=f"deleted-{name}.", dir=self.work_root))
         os.rename(d, trash / name)
         shutil.rmtree(trash, ignore_errors=True)
+        self._tidy()
 
     def verify(self, name: str) -> Image:
         """Cheap pre-boot check (no hashing): files exist and the disk is sound.
@@ -276,18 +288,28 @@ class ImageStore:
                 hint=f"choose another --name, or `cloudlet image delete {name}` first",
             )
         old: Path | None = None
-        with staging_dir(final, self.paths.tmp) as work:
-            yield work
-            if final.exists():
-                if not force:
-                    raise ConflictError(f"an image named {name!r} appeared meanwhile")
-                old = Path(tempfile.mkdtemp(prefix=f"replaced-{name}.", dir=self.paths.tmp))
-                os.rename(final, old / name)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            with staging_dir(final, self.work_root) as work:
+                work.chmod(0o755)
+                yield work
+                if final.exists():
+                    if not force:
+                        raise ConflictError(f"an image named {name!r} appeared meanwhile")
+                    old = Path(tempfile.mkdtemp(prefix=f"replaced-{name}.", dir=self.work_root))
+                    os.rename(final, old / name)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        """Remove the scratch directory if empty (another build may still be using it)."""
+        with contextlib.suppress(OSError):
+            self.work_root.rmdir()
 
     def save(self, img: Image, directory: Path) -> None:
         atomic_write_json(directory / IMAGE_MANIFEST, img.to_dict())
+        (directory / IMAGE_MANIFEST).chmod(0o644)
 
     def import_image(
         self,
@@ -381,22 +403,22 @@ class ImageStore:
         """The disk's format if we accept it ("qcow2" or "raw"), else a clear error."""
         info = disk_info(disk)
         fmt = info.get("format")
+        specific = info.get("format-specific", {}).get("data", {})
         if fmt == "qcow2":
             if info.get("backing-filename"):
                 raise InvalidInputError(
                     f"{disk} is a qcow2 overlay with the backing file {info['backing-filename']}",
                     hint="flatten it first: qemu-img convert -O qcow2 OVERLAY flat.qcow2",
                 )
-            if info.get("encrypted"):
+            if info.get("encrypted") or specific.get("encrypt"):
                 raise InvalidInputError(
                     f"{disk} is encrypted", hint="decrypt it with qemu-img convert first"
                 )
-            specific = info.get("format-specific", {}).get("data", {})
             if specific.get("corrupt"):
                 raise InvalidInputError(
                     f"{disk} is marked corrupt", hint="repair it with qemu-img check -r all"
                 )
-            check_qcow2(disk)
+            check_qcow2(disk, hint="repair it with `qemu-img check -r all`, or give another disk")
             return "qcow2"
         if fmt == "raw":
             size = disk.stat().st_size

@@ -25,17 +25,17 @@ b64() { # file -> base64 field
     if [ -s "$1" ]; then base64 -w0 "$1"; else printf -; fi
 }
 
-unb64() { # field -> stdout
+unb64() { # field -> stdout ("-" is empty); fails on truncated input
     [ "$1" = - ] || printf %s "$1" | base64 -d
 }
 
+fail() { # id message: a decoding error, reported like a command that could not run
+    echo "RESULT $1 127 - $(printf '%s\n' "$2" | base64 -w0)"
+}
+
 run_exec() { # id cmd stdin
-    unb64 "$2" >"$WORK/cmd" || { echo "RESULT $1 127 - $(printf 'bad base64 command' | base64 -w0)"; return; }
-    if [ "$3" = - ]; then
-        : >"$WORK/in"
-    else
-        unb64 "$3" >"$WORK/in"
-    fi
+    unb64 "$2" >"$WORK/cmd" || { fail "$1" "agent: bad base64 command"; return; }
+    unb64 "$3" >"$WORK/in" || { fail "$1" "agent: bad base64 stdin"; return; }
     (cd / && sh -c "$(cat "$WORK/cmd")" <"$WORK/in" >"$WORK/out" 2>"$WORK/err" 3>&-)
     rc=$?
     echo "RESULT $1 $rc $(b64 "$WORK/out") $(b64 "$WORK/err")"
