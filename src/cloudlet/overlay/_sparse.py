@@ -47,8 +47,16 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return out
 
 
-def page_extents(fd: int, size: int, page: int = 4096) -> list[tuple[int, int]]:
-    """Data extents widened to whole pages and merged: ``[(first_page, end_page), ...]``."""
+def page_extents(
+    fd: int, size: int, page: int = 4096, *, dense: float = 1.0
+) -> list[tuple[int, int]]:
+    """Data extents widened to whole pages and merged: ``[(first_page, end_page), ...]``.
+
+    If at least ``dense`` of the file is allocated, returns the whole file as one extent:
+    walking thousands of SEEK_DATA/SEEK_HOLE pairs then costs more than reading the holes.
+    """
+    if os.fstat(fd).st_blocks * 512 >= dense * size:
+        return [(0, -(-size // page))] if size else []
     out: list[tuple[int, int]] = []
     for start, end in data_extents(fd, size):
         a, b = start // page, -(-end // page)
@@ -64,6 +72,17 @@ def union_extents(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tu
     out: list[tuple[int, int]] = []
     for s, e in sorted(a + b):
         if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def coalesce_extents(extents: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
+    """Merge sorted extents separated by at most ``gap`` units."""
+    out: list[tuple[int, int]] = []
+    for s, e in extents:
+        if out and s - out[-1][1] <= gap:
             out[-1] = (out[-1][0], max(out[-1][1], e))
         else:
             out.append((s, e))

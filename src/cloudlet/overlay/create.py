@@ -23,6 +23,7 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import datetime
+import mmap
 import os
 import tempfile
 import time
@@ -36,7 +37,7 @@ import numpy as np
 import xxhash
 
 from cloudlet import __version__
-from cloudlet.overlay._sparse import page_extents, union_extents
+from cloudlet.overlay._sparse import coalesce_extents, page_extents, union_extents
 from cloudlet.overlay.base import BaseRef
 from cloudlet.overlay.codecs import CODECS, NoneCodec, ZstdCodec
 from cloudlet.overlay.errors import OverlayInputError
@@ -69,6 +70,7 @@ Progress = Callable[[str, int, int], None]
 # zstd's ratio on RAM (~2.2x, so ~1.8 KiB): XOR wins when under ~1/4 of the 512 words differ.
 XOR_MAX_WORDS = 128
 _EXAMINE_PAGES = 4096  # 16 MiB per numpy compare step
+_EXTENT_GAP_PAGES = 256  # merge data extents less than 1 MiB apart
 _DISK_READ_PAGES = 2048  # 8 MiB per pread of qcow2 data
 _WORDS = PAGE // 8
 
@@ -115,15 +117,25 @@ def _seal_segment(seq: int, kind: Kind, nrec: int, raw: bytes, level: int) -> tu
 
 
 class _Packer:
-    """Collects records into ~1 MiB segments; a pool compresses, this writes them in order."""
+    """Collects records into ~1 MiB segments. A pool compresses them; one writer thread
+    spools them in order (FIFO), so neither compression nor a slow disk stalls the caller
+    until ``inflight`` segments are pending."""
 
-    def __init__(self, pool: cf.ThreadPoolExecutor, level: int, spool: IO[bytes], inflight: int):
-        self.pool, self.level, self.spool, self.inflight = pool, level, spool, inflight
+    def __init__(
+        self,
+        pool: cf.ThreadPoolExecutor,
+        writer: cf.ThreadPoolExecutor,
+        level: int,
+        spool: IO[bytes],
+        inflight: int,
+    ) -> None:
+        self.pool, self.writer, self.level, self.spool = pool, writer, level, spool
+        self.inflight = inflight
         self.kind = Kind.DEVSTATE
         self.buf = bytearray()
         self.nrec = 0
-        self.pending: collections.deque[tuple[Kind, int, int, cf.Future[tuple[bytes, str]]]]
-        self.pending = collections.deque()
+        self.seq = 0
+        self.pending: collections.deque[cf.Future[None]] = collections.deque()
         self.entries: list[SegmentEntry] = []
         self.offset = 0
         self.raw_bytes = 0
@@ -148,27 +160,32 @@ class _Packer:
         if not self.nrec:
             return
         raw, self.buf = bytes(self.buf), bytearray()
-        seq = len(self.entries) + len(self.pending)
-        fut = self.pool.submit(_seal_segment, seq, self.kind, self.nrec, raw, self.level)
-        self.pending.append((self.kind, self.nrec, len(raw), fut))
+        fut = self.pool.submit(_seal_segment, self.seq, self.kind, self.nrec, raw, self.level)
+        self.pending.append(self.writer.submit(self._write, self.kind, self.nrec, len(raw), fut))
+        self.seq += 1
         self.raw_bytes += len(raw)
         self.nrec = 0
         while len(self.pending) > self.inflight:
-            self._write_one()
+            self._wait_one()
 
-    def _write_one(self) -> None:
-        kind, nrec, raw_len, fut = self.pending.popleft()
-        t0 = time.perf_counter()
+    def _write(
+        self, kind: Kind, nrec: int, raw_len: int, fut: cf.Future[tuple[bytes, str]]
+    ) -> None:
+        """In the writer thread, in submission order."""
         data, digest = fut.result()
-        self.wait_seconds += time.perf_counter() - t0
         self.spool.write(data)
         self.entries.append(SegmentEntry(kind.label, self.offset, len(data), digest, nrec, raw_len))
         self.offset += len(data)
 
+    def _wait_one(self) -> None:
+        t0 = time.perf_counter()
+        self.pending.popleft().result()
+        self.wait_seconds += time.perf_counter() - t0
+
     def close(self) -> None:
         self.seal()
         while self.pending:
-            self._write_one()
+            self._wait_one()
 
     def record_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -204,13 +221,16 @@ class _Encoder:
         self.seen: dict[int, int] = {}  # xxh3_128 -> page * 2 + (1 if disk)
 
     def _base_mem_page(self, p: int) -> bytes:
-        return self.base_ram[p * PAGE : (p + 1) * PAGE].tobytes()
+        page: bytes = self.base_ram[p].tobytes()
+        return page
 
     def _base_disk_page(self, p: int) -> bytes:
         data = os.pread(self.base_disk_fd, PAGE, p * PAGE)
         return data if len(data) == PAGE else data + bytes(PAGE - len(data))
 
-    def _find_base(self, kind: Kind, page: bytes, h: int, cand_mem: int, cand_disk: int) -> Any:
+    def _find_base(
+        self, kind: Kind, page: bytes, h: int, cand_mem: int, cand_disk: int
+    ) -> tuple[Payload, int] | None:
         """``(Payload, base page)`` of a byte-identical base page, or None."""
         order = (
             (Payload.BASE_MEM, cand_mem, self.mem_lookup, self._base_mem_page),
@@ -239,9 +259,9 @@ class _Encoder:
         pk.begin(kind)
         w = pages.reshape(k, PAGE).view(np.uint64)
         bw = base_pages.reshape(k, PAGE).view(np.uint64)
-        nonzero = w.any(axis=1)
+        nonzero = np.asarray(w.any(axis=1))
         xor_ok = (np.count_nonzero(w != bw, axis=1) <= XOR_MAX_WORDS) & bw.any(axis=1)
-        flat = memoryview(np.ascontiguousarray(pages).reshape(-1))
+        flat = np.ascontiguousarray(pages).reshape(-1).data
         nz_idx = np.flatnonzero(nonzero)
         h64f = xxhash.xxh3_64_intdigest
         h64 = np.array(
@@ -254,9 +274,9 @@ class _Encoder:
         seen = self.seen
         is_disk = 1 if kind is Kind.DISK else 0
         add = pk.add
-        pn = page_nos.tolist()
-        nzl = nonzero.tolist()
-        xol = xor_ok.tolist()
+        pn: list[int] = page_nos.tolist()
+        nzl: list[bool] = nonzero.tolist()
+        xol: list[bool] = xor_ok.tolist()
         run_start, run_len = -1, 0
         j = 0
         for i in range(k):
@@ -308,47 +328,68 @@ def _encode_devstate(path: Path, packer: _Packer) -> int:
     return size
 
 
+def _map_pages(path: Path, size: int) -> tuple[mmap.mmap, np.ndarray]:
+    """A read-only ``(pages, 4096)`` uint8 view of a file through mmap (no copy, no
+    per-slice overhead of ``np.memmap``); the mapping lives as long as the array."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    return mm, np.frombuffer(mm, dtype=np.uint8).reshape(-1, PAGE)
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+
+
+def _populate(mm: mmap.mmap, off: int, length: int) -> None:
+    """Map a range in one call: page faults one by one cost more than the compare itself
+    (measured 2.2-3.2 GB/s faulting vs 3.4-3.9 GB/s populated, 7 GB/s warm)."""
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(_MADV_POPULATE_READ, off, length)
+
+
 def _encode_memory(
     vm_ram: Path,
     base_ram_path: Path,
-    base_ram: np.ndarray,
+    base_mm: mmap.mmap,
+    base2: np.ndarray,
     enc: _Encoder,
     stats: CreateStats,
     progress: Progress | None,
 ) -> None:
-    size = base_ram.shape[0]
-    vm = np.memmap(vm_ram, dtype=np.uint8, mode="r", shape=(size,))
-    try:
-        with open(vm_ram, "rb") as fv, open(base_ram_path, "rb") as fb:
-            extents = union_extents(
-                page_extents(fv.fileno(), size), page_extents(fb.fileno(), size)
+    size = base2.shape[0] * PAGE
+    vm_mm, vm2 = _map_pages(vm_ram, size)
+    with open(vm_ram, "rb") as fv, open(base_ram_path, "rb") as fb:
+        extents = union_extents(
+            page_extents(fv.fileno(), size, dense=0.5), page_extents(fb.fileno(), size, dense=0.5)
+        )
+    # Comparing a short gap of holes costs less than a numpy call per tiny extent (guest
+    # RAM is often fragmented into thousands of extents).
+    extents = coalesce_extents(extents, _EXTENT_GAP_PAGES)
+    neq = np.empty((_EXAMINE_PAGES, _WORDS), dtype=bool)
+    t_exam = t_enc = cpu_exam = 0.0
+    for a, b in extents:
+        for p0 in range(a, b, _EXAMINE_PAGES):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            n = min(_EXAMINE_PAGES, b - p0)
+            _populate(vm_mm, p0 * PAGE, n * PAGE)
+            _populate(base_mm, p0 * PAGE, n * PAGE)
+            np.not_equal(
+                vm2[p0 : p0 + n].view(np.uint64), base2[p0 : p0 + n].view(np.uint64), out=neq[:n]
             )
-        vm2 = vm.reshape(-1, PAGE)
-        base2 = base_ram.reshape(-1, PAGE)
-        neq = np.empty((_EXAMINE_PAGES, _WORDS), dtype=bool)
-        t_exam = t_enc = 0.0
-        for a, b in extents:
-            for p0 in range(a, b, _EXAMINE_PAGES):
-                t0 = time.perf_counter()
-                n = min(_EXAMINE_PAGES, b - p0)
-                va = vm2[p0 : p0 + n].view(np.uint64)
-                vb = base2[p0 : p0 + n].view(np.uint64)
-                np.not_equal(va, vb, out=neq[:n])
-                changed = np.flatnonzero(neq[:n].any(axis=1))
-                stats.memory_bytes_examined += n * PAGE
-                t1 = time.perf_counter()
-                t_exam += t1 - t0
-                if changed.size:
-                    idx = changed + p0
-                    stats.changed_pages += int(changed.size)
-                    enc.encode(Kind.MEMORY, idx, vm2[idx], base2[idx])
-                    t_enc += time.perf_counter() - t1
-                if progress:
-                    progress("memory", (p0 + n) * PAGE, size)
-        stats.seconds["memory_examine"] = t_exam
-        stats.seconds["memory_encode"] = t_enc
-    finally:
-        del vm
+            changed = np.flatnonzero(neq[:n].any(axis=1))
+            stats.memory_bytes_examined += n * PAGE
+            t1 = time.perf_counter()
+            t_exam += t1 - t0
+            cpu_exam += time.thread_time() - c0
+            if changed.size:
+                idx = changed + p0
+                stats.changed_pages += int(changed.size)
+                enc.encode(Kind.MEMORY, idx, vm2[idx], base2[idx])
+                t_enc += time.perf_counter() - t1
+            if progress:
+                progress("memory", (p0 + n) * PAGE, size)
+    stats.seconds["memory_examine"] = t_exam
+    stats.seconds["memory_examine_cpu"] = cpu_exam  # tells a busy host from a slow compare
+    stats.seconds["memory_encode"] = t_enc
 
 
 def _encode_disk(
@@ -531,13 +572,14 @@ def create_overlay(
             TopLayer(vm_disk, force_share=True, tmp_dir=out.parent) as top,
             tempfile.TemporaryFile(dir=out.parent) as spool,
             cf.ThreadPoolExecutor(threads, thread_name_prefix="overlay-zstd") as pool,
+            cf.ThreadPoolExecutor(1, thread_name_prefix="overlay-spool") as writer,
             open(base.disk, "rb") as bdisk,
         ):
             _check_backing(top, base)
             if top.virtual_size > MAX_DISK:
                 raise OverlayInputError(f"VM disk is larger than {MAX_DISK} bytes")
-            base_ram = np.memmap(base.ram, dtype=np.uint8, mode="r", shape=(mem_size,))
-            packer = _Packer(pool, level, spool, inflight=2 * threads + 2)
+            base_mm, base_ram = _map_pages(base.ram, mem_size)
+            packer = _Packer(pool, writer, level, spool, inflight=2 * threads + 2)
             enc = _Encoder(
                 packer, base_ram, bdisk.fileno(), base_disk_size, mem_lookup, disk_lookup
             )
@@ -545,13 +587,13 @@ def create_overlay(
             t0 = time.perf_counter()
             devstate_size = _encode_devstate(vm_dev, packer)
             stats.seconds["devstate"] = time.perf_counter() - t0
-            _encode_memory(vm_ram, base.ram, base_ram, enc, stats, progress)
+            _encode_memory(vm_ram, base.ram, base_mm, base_ram, enc, stats, progress)
             _encode_disk(top, bdisk.fileno(), base_disk_size, enc, stats, progress)
             t0 = time.perf_counter()
             packer.close()
             stats.seconds["compress_drain"] = time.perf_counter() - t0
             stats.seconds["compress_wait"] = packer.wait_seconds
-            del enc, base_ram
+            del enc, base_ram, base_mm
 
             stats.records = packer.record_counts()
             stats.raw_bytes = packer.raw_bytes

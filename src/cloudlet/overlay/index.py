@@ -46,7 +46,7 @@ def page_index(path: Path | str, page: int = PAGE) -> np.ndarray:
         out = np.full(n, zh, dtype=np.uint64)
         per = max(1, _CHUNK // page)
         buf = np.zeros(per * page, dtype=np.uint8)
-        mv = memoryview(buf)
+        mv = buf.data
         h = xxhash.xxh3_64_intdigest
         for first, end in page_extents(fd, size, page):
             for p0 in range(first, end, per):
@@ -82,7 +82,7 @@ def save_index(index: np.ndarray, path: Path | str) -> None:
 
 def load_index(path: Path | str, *, pages: int | None = None, mmap: bool = True) -> np.ndarray:
     """Load an index saved by :func:`save_index`; check it is 1-D uint64 (and ``pages`` long)."""
-    arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    arr: np.ndarray = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     if arr.ndim != 1 or arr.dtype != np.dtype("<u8"):
         raise ValueError(f"{path}: not a page index (shape {arr.shape}, dtype {arr.dtype})")
     if pages is not None and arr.shape[0] != pages:
