@@ -12,7 +12,7 @@ from cloudlet.config import Paths, paths
 from cloudlet.errors import ConflictError, InvalidInputError
 from cloudlet.images.model import IMAGE_MANIFEST, READY_MARKER, Image
 from cloudlet.images.store import ImageStore
-from cloudlet.images.tiny import DISK_SIZE, build_tiny, guest_file
+from cloudlet.images.tiny import DISK_SIZE, build_tiny, guest_file, recipe_id
 
 
 def debugfs(raw: Path, cmd: str) -> str:
@@ -49,6 +49,7 @@ def test_layout_and_manifest(fresh_tiny: Image, fresh_home: Paths) -> None:
     assert m["source"] == "build-tiny" and m["ports"] == [80] and m["agent"] is True
     assert m["ready_marker"] == READY_MARKER
     assert "console=ttyS0" in m["cmdline"]
+    assert m["extra"]["recipe"] == recipe_id()
     info = json.loads(
         subprocess.run(
             ["qemu-img", "info", "--output=json", str(d / "disk.qcow2")],

@@ -43,9 +43,7 @@ MODULES: tuple[str, ...] = VIRTIO_MODULES + POWER_BUTTON_MODULES
 # Applets /init uses; each becomes a symlink to /bin/busybox.
 INITRAMFS_APPLETS: tuple[str, ...] = (
     "cat",
-    "grep",
     "insmod",
-    "mkdir",
     "mount",
     "poweroff",
     "sh",

@@ -9,6 +9,7 @@ our own cpio writer, and ``mke2fs`` gets a fixed UUID, hash seed and clock.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
@@ -27,7 +28,7 @@ from cloudlet.images.debs import (
     fetch_package,
 )
 from cloudlet.images.digest import content_id
-from cloudlet.images.initramfs import FIXED_MTIME, build_initramfs
+from cloudlet.images.initramfs import FIXED_MTIME, INITRAMFS_APPLETS, MODULES, build_initramfs
 from cloudlet.images.model import READY_MARKER, Image
 from cloudlet.images.store import ImageStore, now_iso, qemu_img
 from cloudlet.util.names import check_name
@@ -84,6 +85,32 @@ EMPTY_DIRS: tuple[tuple[str, int], ...] = (
     ("mnt", 0o755),
     ("var/log", 0o755),
 )
+
+
+def recipe_id() -> str:
+    """A hash of what this code puts into the image besides the packages (scripts, settings).
+
+    Stored in ``extra["recipe"]``: a cached tiny image whose recipe differs from the running
+    code's was built by older scripts and should be rebuilt. No apt access needed.
+    """
+    h = hashlib.sha256(b"cloudlet-tiny-recipe-v1\n")
+    for src, dst, perm in GUEST_FILES:
+        h.update(f"{src} {dst} {perm:o}\n".encode() + guest_file(src))
+    h.update(guest_file("init.sh"))
+    settings = (
+        TINY_CMDLINE,
+        TINY_PORTS,
+        DISK_SIZE,
+        FS_UUID,
+        FS_HASH_SEED,
+        FIXED_MTIME,
+        MODULES,
+        STATIC_FILES,
+        EMPTY_DIRS,
+        INITRAMFS_APPLETS,
+    )
+    h.update(repr(settings).encode())
+    return h.hexdigest()
 
 
 def guest_file(name: str) -> bytes:
@@ -283,6 +310,7 @@ def build_tiny(
             extra={
                 "kernel_package": kernel_pkg.deb_name,
                 "busybox_package": busybox_pkg.deb_name,
+                "recipe": recipe_id(),
             },
             dir=store.dir(name),
         )
