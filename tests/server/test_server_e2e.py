@@ -1,0 +1,247 @@
+"""The real server (``cloudlet serve`` in a subprocess) with real QEMU VMs; kill -9, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cloudlet.config import Paths
+from helpers import cli, qemu_pids_mentioning, wait_until
+from server.conftest import MARKER, Server
+
+pytestmark = pytest.mark.vm
+
+
+def upload(c: httpx.Client, file: Path, name: str = "app") -> dict[str, Any]:
+    with open(file, "rb") as f:
+        r = c.post(f"/v1/overlays/upload?name={name}", content=f.read())
+    assert r.status_code == 201, r.text
+    d: dict[str, Any] = r.json()
+    assert d["state"] == "active" and d["base_id"]
+    return d
+
+
+def register(c: httpx.Client, overlay: str, sid: str = "org.example.web", **kw: Any) -> None:
+    body = {"service_id": sid, "base": "tiny", "overlay": overlay, "guest_ports": [80]} | kw
+    r = c.post("/v1/services", json=body)
+    assert r.status_code == 201, r.text
+
+
+def start(c: httpx.Client, sid: str, **kw: Any) -> dict[str, Any]:
+    r = c.post("/v1/instances", json={"service_id": sid} | kw)
+    assert r.status_code in (200, 202), r.text
+    d: dict[str, Any] = r.json()
+    if r.status_code == 202:
+        op = wait_op(c, d["operation"])
+        assert op["state"] == "succeeded", op
+    d["instance"] = c.get(f"/v1/instances/{d['instance']['id']}").json()
+    return d
+
+
+def wait_op(c: httpx.Client, op_id: str, timeout: float = 120) -> dict[str, Any]:
+    """Follow the operation's Server-Sent Events to its end."""
+    with c.stream("GET", f"/v1/operations/{op_id}/events", timeout=timeout) as r:
+        assert r.status_code == 200
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event == "end":
+                d: dict[str, Any] = json.loads(line[5:])
+                return d
+    raise AssertionError("the event stream ended without an end event")
+
+
+def page(inst: dict[str, Any], path: str = "/marker.html") -> str:
+    url = inst["endpoints"]["80"]["url"]
+    return httpx.get(url + path, timeout=10).text
+
+
+def test_service_lifecycle_join_restart_and_idle_stop(
+    server: Server, sample_overlay: Path, srv_home: Paths
+) -> None:
+    server.start("--no-bootstrap", "--idle-timeout", "600")
+    with server.client() as c:
+        o = upload(c, sample_overlay)
+        register(c, o["id"], max_users=2, description="web", tags=["test"])
+        # The CLI gives the same answer through the server as from the data dir.
+        env = dict(os.environ, CLOUDLET_HOME=str(srv_home.home))
+        remote = cli("service", "list", "--json", "--server", server.url, env=env)
+        local = cli("service", "list", "--json", env=env)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout) == json.loads(local.stdout)
+        assert json.loads(remote.stdout)[0]["service_id"] == "org.example.web"
+
+        a = start(c, "org.example.web", user="alice")
+        inst = a["instance"]
+        assert not a["joined"] and inst["state"] == "running"
+        assert inst["start_kind"] == "synthesis" and inst["users"] == 1
+        assert MARKER in page(inst)
+        b = start(c, "org.example.web", user="bob")
+        assert b["joined"] and b["instance"]["id"] == inst["id"]
+        assert b["instance"]["users"] == 2 and b["instance"]["user_ids"] == ["alice", "bob"]
+        # Full (max_users 2): a third user gets a second instance, from the cached snapshot.
+        third = start(c, "org.example.web", user="carol")
+        assert not third["joined"] and third["instance"]["id"] != inst["id"]
+        assert third["instance"]["start_kind"] == "cached"
+        assert MARKER in page(third["instance"])
+        assert c.get("/v1/services/org.example.web").json()["instances"] == 2
+        r = c.delete("/v1/services/org.example.web")
+        assert r.status_code == 409  # in use
+        assert c.delete(f"/v1/overlays/{o['id']}").status_code == 409
+        assert c.delete("/v1/bases/tiny").status_code == 409
+
+    # kill -9 in the middle: both instances are re-adopted, with their users and ports.
+    vm_pids = qemu_pids_mentioning(str(srv_home.home))
+    assert len(vm_pids) >= 2
+    server.kill9()
+    assert all(os.path.exists(f"/proc/{p}") for p in vm_pids)  # QEMU outlives the server
+    server.start("--no-bootstrap", "--idle-timeout", "1")
+    with server.client() as c:
+        again = c.get(f"/v1/instances/{inst['id']}").json()
+        assert again["state"] == "running" and again["users"] == 2
+        assert again["endpoints"] == inst["endpoints"]
+        assert MARKER in page(again)
+        # ...and the server goes on: join, leave, stop.
+        d = start(c, "org.example.web", user="carol")
+        assert d["joined"] and d["instance"]["id"] == third["instance"]["id"]
+        r = c.post(f"/v1/instances/{inst['id']}/leave", json={"user": "bob"})
+        assert r.status_code == 200 and r.json()["users"] == 1
+        r = c.post(f"/v1/instances/{inst['id']}/leave", json={"user": "bob"})
+        assert r.status_code == 404
+        r = c.post(f"/v1/instances/{inst['id']}/stop")
+        assert r.status_code == 200 and r.json()["state"] == "stopped"
+        assert c.get(f"/v1/instances/{inst['id']}").json()["users"] == 0
+        # The other instance, once its last user left, is stopped by the idle reaper.
+        c.post(f"/v1/instances/{third['instance']['id']}/leave", json={"user": "carol"})
+        wait_until(
+            lambda: c.get(f"/v1/instances/{third['instance']['id']}").json()["state"] == "stopped",
+            timeout=20,
+        )
+        assert c.get("/v1/instances").json() == []
+        metrics = c.get("/metrics").text
+        assert 'cloudlet_instances{state="stopped"} 2.0' in metrics
+        assert 'route="/v1/instances/{iid}/leave",status="200"' in metrics
+    assert qemu_pids_mentioning(str(srv_home.home)) == []  # standby VMs are not running
+
+
+def test_twenty_concurrent_join_starts_make_one_instance(
+    server: Server, sample_overlay: Path
+) -> None:
+    server.start("--no-bootstrap")
+    with server.client() as c:
+        o = upload(c, sample_overlay)
+        register(c, o["id"], sid="org.example.crowd", max_users=25)
+
+    def one(i: int) -> tuple[int, dict[str, Any]]:
+        with server.client() as c:
+            r = c.post("/v1/instances", json={"service_id": "org.example.crowd", "user": f"u{i}"})
+            return r.status_code, r.json()
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert {s for s, _ in results} <= {200, 202}, results
+    ids = {d["instance"]["id"] for _, d in results}
+    assert len(ids) == 1
+    assert sum(not d["joined"] for _, d in results) == 1
+    ops = {d["operation"] for _, d in results if d.get("operation")}
+    assert len(ops) == 1  # joiners of the booting instance wait for that same boot
+    with server.client() as c:
+        assert wait_op(c, ops.pop())["state"] == "succeeded"
+        (inst,) = c.get("/v1/instances").json()
+        assert inst["users"] == 20 and sorted(inst["user_ids"]) == sorted(
+            f"u{i}" for i in range(20)
+        )
+        assert MARKER in page(inst)
+        m = c.get("/metrics").text
+        assert "cloudlet_instance_users 20.0" in m
+
+
+def test_kill_during_start_and_upload_leaves_nothing_half_done(
+    server: Server, sample_overlay: Path, srv_home: Paths
+) -> None:
+    server.start("--no-bootstrap")
+    with server.client() as c:
+        o = upload(c, sample_overlay)
+        register(c, o["id"], sid="org.example.crash")
+        r = c.post("/v1/instances", json={"service_id": "org.example.crash", "join": False})
+        assert r.status_code == 202
+        op, iid = r.json()["operation"], r.json()["instance"]["id"]
+        # An upload cut off by the kill: half the bytes, then the server dies.
+        oid = c.post("/v1/overlays", json={"name": "half"}).json()["id"]
+        data = sample_overlay.read_bytes()
+
+        def slow() -> Any:
+            yield data[: len(data) // 2]
+            time.sleep(0.5)
+            server.kill9()
+            yield data[len(data) // 2 :]
+
+        with pytest.raises(httpx.HTTPError):
+            c.put(f"/v1/overlays/{oid}/file", content=slow())
+    server.start("--no-bootstrap")
+    with server.client() as c:
+        assert c.get(f"/v1/overlays/{oid}").json()["state"] == "killed"
+        assert list((srv_home.tmp / "uploads").iterdir()) == []
+        assert not (srv_home.home / "overlays" / f"{oid}.overlay").exists()
+        op_d = c.get(f"/v1/operations/{op}").json()
+        inst = c.get(f"/v1/instances/{iid}").json()
+        # Either the boot finished before the kill (then it was re-adopted) or it was cut.
+        if op_d["state"] == "failed":
+            assert op_d["error"]["message"] == "interrupted by server restart"
+            assert inst["state"] == "failed" and inst["users"] == 0
+        else:
+            assert op_d["state"] == "succeeded" and inst["state"] == "running"
+        live = {i["vm_id"] for i in c.get("/v1/instances").json()}
+        vms = {v["id"] for v in c.get("/v1/vms").json() if not v["name"].startswith("inst-spare")}
+        assert vms == live  # no VM left over from the interrupted boot
+        # The cache holds complete entries only.
+        for entry in (srv_home.cache / "services").glob("*/*"):
+            assert not entry.name.startswith(".") and (entry / "snapshot.json").exists()
+        # And it serves: a fresh start of the service works.
+        d = start(c, "org.example.crash", join=False)
+        assert MARKER in page(d["instance"])
+
+
+def test_missing_overlay_file_is_409_and_packages_round_trip(
+    server: Server, sample_overlay: Path, srv_home: Paths, tmp_path: Path
+) -> None:
+    server.start("--no-bootstrap")
+    with server.client() as c:
+        o = upload(c, sample_overlay)
+        register(c, o["id"], sid="org.example.pkg", tags=["a", "b"], version="3.1")
+        r = c.get("/v1/services/org.example.pkg/package")
+        assert r.status_code == 200
+        pkg = tmp_path / "svc.service"
+        pkg.write_bytes(r.content)
+        # Through the CLI and the server: the same package imports as the same service.
+        env = dict(os.environ, CLOUDLET_HOME=str(srv_home.home))
+        assert c.delete("/v1/services/org.example.pkg").status_code == 200
+        res = cli("service", "import", str(pkg), "--json", "--server", server.url, env=env)
+        assert res.returncode == 0, res.stderr
+        d = json.loads(res.stdout)
+        assert (d["service_id"], d["version"], d["tags"]) == ("org.example.pkg", "3.1", ["a", "b"])
+        new = c.get(f"/v1/overlays/{d['overlay']}").json()
+        assert new["state"] == "active" and new["sha256"] == o["sha256"]
+        # A corrupt package is refused and registers nothing.
+        bad = tmp_path / "bad.service"
+        raw = bytearray(pkg.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+        assert c.delete("/v1/services/org.example.pkg").status_code == 200
+        r = c.post("/v1/services/import", content=bad.read_bytes())
+        assert r.status_code == 202
+        assert wait_op(c, r.json()["operation"])["state"] == "failed"
+        assert c.get("/v1/services/org.example.pkg").status_code == 404
+        # A service whose overlay file vanished cannot start, and says why.
+        register(c, o["id"], sid="org.example.gone")
+        (srv_home.home / "overlays" / f"{o['id']}.overlay").unlink()
+        r = c.post("/v1/instances", json={"service_id": "org.example.gone"})
+        assert r.status_code == 409 and "missing" in r.json()["message"]
