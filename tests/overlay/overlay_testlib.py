@@ -100,7 +100,7 @@ class SynthVM:
     expect: dict[str, int] = field(default_factory=dict)
 
 
-def make_vm(base: BaseRef, d: Path, *, seed: int = 2) -> SynthVM:
+def make_vm(base: BaseRef, d: Path, *, seed: int = 2, compressed: bool = True) -> SynthVM:
     """A VM made from ``base``: memory edits of every record kind, and a qcow2 top layer
     written by qemu-io (pattern, file-sourced, zero, compressed, partial and end writes)."""
     rng = np.random.default_rng(seed)
@@ -157,6 +157,8 @@ def make_vm(base: BaseRef, d: Path, *, seed: int = 2) -> SynthVM:
         f"write -P 0x5a {size - MiB} 512k",  # clusters at the very end of the disk ...
         f"write -s {files}/rnd_end.bin {size - 128 * 1024} 128k",  # ... and the last two
     ]
+    if not compressed:
+        cmds = [c for c in cmds if not c.startswith("write -c")]
     args = ["qemu-io", "-f", "qcow2"]
     for c in cmds:
         args += ["-c", c]

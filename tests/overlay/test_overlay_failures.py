@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cloudlet.cli.overlay_cmd import app as overlay_app
-from cloudlet.errors import IntegrityError
+from cloudlet.errors import IntegrityError, InvalidInputError
 from cloudlet.overlay import (
     BaseRef,
     OverlayBaseMismatch,
@@ -28,13 +28,14 @@ from cloudlet.overlay import (
     OverlayTruncated,
     OverlayVersionError,
     apply_overlay,
+    create_overlay,
     overlay_info,
 )
 from cloudlet.overlay.format import FILE_HEADER, OverlayReader, Payload
 from cloudlet.overlay.format import Kind as K
 from cloudlet.overlay.qcow2 import top_layer_extents
 from overlay.conftest import Built
-from overlay.overlay_testlib import MiB, craft_overlay, our_files, rec
+from overlay.overlay_testlib import MiB, craft_overlay, make_vm, our_files, rec
 
 
 def layout(data: bytes) -> tuple[int, list[tuple[int, int]]]:
@@ -248,6 +249,28 @@ def test_disk_full_cleans_up(built: Built, data: bytes, small_fs: Path) -> None:
     apply_bytes(data, built.base, out)
     assert sorted(our_files(out)) == ["devstate", "disk.qcow2", "memory.ram"]
     shutil.rmtree(out)
+
+
+def test_create_on_a_full_disk_leaves_nothing(built: Built, small_fs: Path, tmp_path: Path) -> None:
+    # no compressed clusters: those would make qemu-img fail first (a Qcow2Error)
+    vm = make_vm(built.base, tmp_path / "vm", compressed=False)
+    st = os.statvfs(small_fs)
+    fd = os.open(small_fs / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - MiB)  # 1 MiB left
+    finally:
+        os.close(fd)
+    with pytest.raises(OverlayIOError) as e:
+        create_overlay(built.base, vm.vm_dir, small_fs / "vm.ovl", hardware={})
+    assert e.value.errno == errno.ENOSPC
+    assert our_files(small_fs) == ["filler", "lost+found"]
+
+
+def test_bad_backing_name_refused(built: Built, data: bytes, tmp_path: Path) -> None:
+    for bad in ("", "a\0b", "x" * 1024):
+        with pytest.raises(InvalidInputError, match="backing"):
+            apply_overlay([data], built.base, tmp_path / "out", backing=bad)
+    assert not (tmp_path / "out").exists()
 
 
 # -- crafted files: valid hashes, hostile numbers --------------------------------------------

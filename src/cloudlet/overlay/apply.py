@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cloudlet.errors import InvalidInputError
 from cloudlet.overlay._sparse import copy_sparse, pwrite_all, zero_range
 from cloudlet.overlay.base import BaseRef
 from cloudlet.overlay.errors import OverlayBaseMismatch, OverlayIOError, OverlayOutputExists
@@ -276,6 +277,8 @@ def apply_overlay(
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    if not backing or "\0" in backing or len(backing.encode()) > 1023:
+        raise InvalidInputError(f"invalid backing file name {backing!r} (1-1023 bytes, no NUL)")
     stats = ApplyStats()
     reader = OverlayReader(chunks)
     m = reader.read_head()

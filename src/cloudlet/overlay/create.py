@@ -40,7 +40,7 @@ from cloudlet import __version__
 from cloudlet.overlay._sparse import coalesce_extents, page_extents, union_extents
 from cloudlet.overlay.base import BaseRef
 from cloudlet.overlay.codecs import CODECS, NoneCodec, ZstdCodec
-from cloudlet.overlay.errors import OverlayInputError
+from cloudlet.overlay.errors import OverlayInputError, OverlayIOError
 from cloudlet.overlay.format import (
     FORMAT_VERSION,
     MAX_DEVSTATE,
@@ -173,7 +173,10 @@ class _Packer:
     ) -> None:
         """In the writer thread, in submission order."""
         data, digest = fut.result()
-        self.spool.write(data)
+        try:
+            self.spool.write(data)
+        except OSError as e:
+            raise OverlayIOError("spooling compressed segments", e) from e
         self.entries.append(SegmentEntry(kind.label, self.offset, len(data), digest, nrec, raw_len))
         self.offset += len(data)
 
@@ -566,6 +569,7 @@ def create_overlay(
     stats.seconds["load_indexes"] = time.perf_counter() - t0
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    step = "opening the inputs"
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     try:
         with (
@@ -585,10 +589,14 @@ def create_overlay(
             )
 
             t0 = time.perf_counter()
+            step = "reading the device state"
             devstate_size = _encode_devstate(vm_dev, packer)
             stats.seconds["devstate"] = time.perf_counter() - t0
+            step = "comparing memory with the base"
             _encode_memory(vm_ram, base.ram, base_mm, base_ram, enc, stats, progress)
+            step = "comparing the disk layer with the base"
             _encode_disk(top, bdisk.fileno(), base_disk_size, enc, stats, progress)
+            step = "writing the overlay"
             t0 = time.perf_counter()
             packer.close()
             stats.seconds["compress_drain"] = time.perf_counter() - t0
@@ -630,11 +638,13 @@ def create_overlay(
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except BaseException:
+    except BaseException as e:
         if fd >= 0:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OverlayIOError(step, e) from e
         raise
     stats.seconds["total"] = time.perf_counter() - t_start
     return stats
