@@ -9,6 +9,12 @@ NAME=org.cloudlet.agent
 WORK=/run/cloudlet/agent
 mkdir -p "$WORK"
 
+# nap SECONDS: sleep without forking (a fork costs a lot under TCG, and we poll 5 times a second
+# while the host is not connected): a read with a timeout on a FIFO nobody writes to.
+rm -f "$WORK/nap"
+mkfifo "$WORK/nap" && command exec 5<>"$WORK/nap"
+nap() { read -t "$1" _ <&5 || :; }
+
 find_port() {
     for f in /sys/class/virtio-ports/*/name; do
         [ -r "$f" ] || continue
@@ -36,15 +42,16 @@ fail() { # id message: a decoding error, reported like a command that could not 
 run_exec() { # id cmd stdin
     unb64 "$2" >"$WORK/cmd" || { fail "$1" "agent: bad base64 command"; return; }
     unb64 "$3" >"$WORK/in" || { fail "$1" "agent: bad base64 stdin"; return; }
-    (cd / && sh -c "$(cat "$WORK/cmd")" <"$WORK/in" >"$WORK/out" 2>"$WORK/err" 3>&-)
+    (cd / && sh -c "$(cat "$WORK/cmd")" <"$WORK/in" >"$WORK/out" 2>"$WORK/err" 3>&- 5>&-)
     rc=$?
     echo "RESULT $1 $rc $(b64 "$WORK/out") $(b64 "$WORK/err")"
     rm -f "$WORK/cmd" "$WORK/in" "$WORK/out" "$WORK/err"
 }
 
+port=
 while :; do
-    port=$(find_port) || { sleep 1; continue; }
-    exec 3<>"$port" || { sleep 1; continue; }
+    [ -c "$port" ] || port=$(find_port) || { nap 1; continue; }
+    command exec 3<>"$port" || { port=; nap 1; continue; }
     # read returns false on EOF: the host side is not connected. Reopen after a pause.
     while IFS=' ' read -r verb id a b rest <&3; do
         case "$id" in
@@ -56,5 +63,5 @@ while :; do
         esac
     done
     exec 3<&-
-    sleep 0.2
+    nap 0.2
 done

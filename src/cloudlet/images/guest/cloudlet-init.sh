@@ -18,7 +18,7 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mkdir -p /run/cloudlet /var/log /var/lib/cloudlet
 
-exec </dev/null >/dev/console 2>&1
+command exec </dev/null >/dev/console 2>&1
 
 shutdown() {
     echo "cloudlet-init: $1"

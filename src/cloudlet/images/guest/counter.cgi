@@ -19,7 +19,7 @@ while [ ! -p "$REQ" ]; do
 done
 rm -f "$reply"
 mkfifo -m 0600 "$reply" || fail "cannot make reply fifo"
-exec 4<>"$reply"
+command exec 4<>"$reply" || fail "cannot open reply fifo"
 echo "$$" 1<>"$REQ"
 read -t 10 -r line <&4 || fail "counterd did not answer"
 rm -f "$reply"
