@@ -85,23 +85,29 @@ def qmp(path: Path, *commands: str) -> None:
                     break
 
 
-@pytest.fixture
-def guest(fresh_tiny: Image, tmp_path: Path) -> Iterator[Guest]:
-    assert fresh_tiny.kernel_path and fresh_tiny.initrd_path and fresh_tiny.cmdline
-    overlay = tmp_path / "overlay.qcow2"
+def qemu_argv(img: Image, overlay: Path, cmdline: str) -> list[str]:
+    assert img.kernel_path and img.initrd_path
     subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-         str(fresh_tiny.disk_path), str(overlay)],
+         str(img.disk_path), str(overlay)],
         check=True,
     )  # fmt: skip
+    return [
+        "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none",
+        "-machine", "pc", "-no-reboot",
+        "-kernel", str(img.kernel_path), "-initrd", str(img.initrd_path), "-append", cmdline,
+        "-drive", f"file={overlay},if=virtio,format=qcow2",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def guest(fresh_tiny: Image, tmp_path: Path) -> Iterator[Guest]:
+    assert fresh_tiny.cmdline
+    overlay = tmp_path / "overlay.qcow2"
     port = free_port()
     agent_sock, qmp_sock, serial = tmp_path / "agent.sock", tmp_path / "qmp.sock", tmp_path / "s"
     argv = [
-        "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults", "-display", "none",
-        "-machine", "pc", "-no-reboot",
-        "-kernel", str(fresh_tiny.kernel_path), "-initrd", str(fresh_tiny.initrd_path),
-        "-append", fresh_tiny.cmdline,
-        "-drive", f"file={overlay},if=virtio,format=qcow2",
+        *qemu_argv(fresh_tiny, overlay, fresh_tiny.cmdline),
         "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:80",
         "-device", "virtio-net-pci,netdev=n0",
         "-device", "virtio-serial-pci",
@@ -177,3 +183,22 @@ def test_tiny_boots_serves_and_powers_off(guest: Guest, tmp_path: Path) -> None:
         check=True,
     )
     assert cat.stdout == "7\n"
+
+
+def test_initramfs_failure_powers_off(fresh_tiny: Image, tmp_path: Path) -> None:
+    """A bad ``cloudlet.init=`` prints one clear line and powers off instead of hanging."""
+    assert fresh_tiny.cmdline
+    serial = tmp_path / "serial"
+    argv = qemu_argv(
+        fresh_tiny, tmp_path / "o.qcow2", fresh_tiny.cmdline + " cloudlet.init=/sbin/nope"
+    )
+    proc = subprocess.Popen([*argv, "-serial", f"file:{serial}"], stderr=subprocess.DEVNULL)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    text = serial.read_text(errors="replace")
+    assert "cloudlet-initramfs: FATAL: /sbin/nope is missing or not executable" in text
+    assert READY_MARKER not in text
