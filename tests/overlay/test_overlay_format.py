@@ -155,3 +155,11 @@ def test_reader_checks_records_against_the_manifest() -> None:
     assert [s.entry.records for s in r.segments()] == [1]
     r.finish()
     assert m.mem_pages == 16384
+
+
+def test_public_api_is_exported_and_sorted() -> None:
+    import cloudlet.overlay as ov
+
+    assert list(ov.__all__) == sorted(ov.__all__, key=lambda n: (not n.isupper(), n))
+    for name in ov.__all__:
+        assert hasattr(ov, name), name
