@@ -121,7 +121,9 @@ def guest_file(name: str) -> bytes:
 def _tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        pkg = {"mke2fs": "e2fsprogs", "qemu-img": "qemu-utils"}.get(name, name)
+        pkg = {"mke2fs": "e2fsprogs", "debugfs": "e2fsprogs", "qemu-img": "qemu-utils"}.get(
+            name, name
+        )
         raise EnvironmentProblem(f"{name} is not installed", hint=f"apt-get install {pkg}")
     return path
 
