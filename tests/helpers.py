@@ -34,7 +34,9 @@ def counter(port: int, timeout: float = 10.0) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in r.text.split())}
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the cloudlet CLI in a subprocess (as a user would)."""
     return subprocess.run(
         [*CLOUDLET, *args], capture_output=True, text=True, env=env, timeout=timeout

@@ -26,7 +26,9 @@ def accel(
     p = paths()
     kernels = [i.kernel_path for i in ImageStore(p).list() if i.kernel_path]
     choice = choose_accel(p, kernels[0] if kernels else None, refresh=refresh)
-    emit(choice.to_dict(), as_json, lambda d: console.print(f"[bold]{d['accel']}[/]: {d['reason']}"))
+    emit(
+        choice.to_dict(), as_json, lambda d: console.print(f"[bold]{d['accel']}[/]: {d['reason']}")
+    )
 
 
 @handle_errors

@@ -62,7 +62,7 @@ def start(
         from cloudlet.synthesis.base import BaseStore
 
         vm = run_async(
-            BaseStore(p).start_vm(base, forwards=[parse_forward(s) for s in forward], name=name)
+            BaseStore(p).start_vm(base, forwards=[parse_forward(s) for s in forward], vm_name=name)
         )
     else:
         from cloudlet.images.store import ImageStore
@@ -108,9 +108,7 @@ def info(vm_id: str, as_json: bool = JsonOpt) -> None:
     emit(vm.to_dict() | {"dir": str(vm.dir)}, as_json)
 
 
-@app.command(
-    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
 def exec_(
     vm_id: str,
