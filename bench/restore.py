@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 
 from cloudlet.config import paths
+from cloudlet.errors import NotFoundError
 from cloudlet.hypervisor.vm import BootSource, VMManager
 from cloudlet.images.store import ImageStore
 from cloudlet.images.tiny import build_tiny
-from cloudlet.errors import NotFoundError
 
 
 async def first_response(port: int, timeout: float = 60.0) -> float:
@@ -116,8 +116,8 @@ async def main() -> None:
             file=sys.stderr,
         )
         results.append(r)
-    print(f"# machine: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}",
-          file=sys.stderr)  # fmt: skip
+    machine = f"{platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}"
+    print(f"# machine: {machine}", file=sys.stderr)
     print(json.dumps(results))
 
 

@@ -32,15 +32,17 @@ def session_home() -> Paths:
 def tiny_image(session_home: Paths):  # type: ignore[no-untyped-def]
     from cloudlet.errors import NotFoundError
     from cloudlet.images.store import ImageStore
-    from cloudlet.images.tiny import build_tiny
+    from cloudlet.images.tiny import build_tiny, recipe_id
 
     store = ImageStore(session_home)
     try:
         img = store.get("tiny")
         store.verify("tiny")
-        return img
+        if img.extra.get("recipe") == recipe_id():
+            return img
     except NotFoundError:
-        return build_tiny(session_home, "tiny")
+        pass
+    return build_tiny(session_home, "tiny", force=True)  # missing, or made by older scripts
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +54,13 @@ def tiny_base(session_home: Paths, tiny_image):  # type: ignore[no-untyped-def]
 
     store = BaseStore(session_home)
     try:
-        return store.get("tiny")
+        base = store.get("tiny")
+        if base.image_id == tiny_image.content_id:
+            return base
+        store.delete("tiny")  # made from an older build of the image
     except NotFoundError:
-        return run_async(store.create(tiny_image, "tiny", memory_mib=256))
+        pass
+    return run_async(store.create(tiny_image, "tiny", memory_mib=256))
 
 
 @pytest.fixture

@@ -13,11 +13,24 @@ QEMU_SYSTEM = "qemu-system-x86_64"
 INSTALL_HINT = "install QEMU: sudo apt-get install qemu-system-x86 qemu-utils (or run bin/setup)"
 
 
+# Which Debian package ships each tool we run.
+_PACKAGES = {
+    QEMU_SYSTEM: "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "qemu-io": "qemu-utils",
+    "qemu-nbd": "qemu-utils",
+}
+
+
 def find_tool(name: str) -> str:
     """Absolute path of a QEMU tool, or an EnvironmentProblem that says how to install it."""
     path = shutil.which(name)
     if path is None:
-        raise EnvironmentProblem(f"{name} is not installed (not found on PATH)", hint=INSTALL_HINT)
+        pkg = _PACKAGES.get(name, "qemu-system-x86 qemu-utils")
+        raise EnvironmentProblem(
+            f"{name} is not installed (not found on PATH)",
+            hint=f"install QEMU: sudo apt-get install {pkg} (or run bin/setup)",
+        )
     return path
 
 

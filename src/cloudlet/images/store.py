@@ -28,6 +28,7 @@ from cloudlet.errors import (
     InvalidInputError,
     NotFoundError,
 )
+from cloudlet.hypervisor.qemu import find_tool
 from cloudlet.images.digest import content_id
 from cloudlet.images.model import IMAGE_MANIFEST, Image
 from cloudlet.util.fs import atomic_write_json, read_json, staging_dir
@@ -68,12 +69,9 @@ def now_iso() -> str:
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``qemu-img``; a missing binary is an environment problem, not a crash."""
-    try:
-        return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise EnvironmentProblem(
-            "qemu-img is not installed", hint="apt-get install qemu-utils"
-        ) from e
+    return subprocess.run(
+        [find_tool("qemu-img"), *args], capture_output=True, text=True, check=False
+    )
 
 
 def disk_info(path: Path) -> dict[str, Any]:
@@ -228,6 +226,14 @@ class ImageStore:
         d = self.dir(name)
         if not d.is_dir():
             raise NotFoundError(f"no image named {name!r}", hint=_NOT_FOUND_HINT)
+        from cloudlet.hypervisor.vm import VMManager  # VM disks are layered over the image
+
+        users = VMManager(self.paths).users_of("image", name)
+        if users:
+            raise ConflictError(
+                f"image {name!r} is used by VM(s) {', '.join(users)}",
+                hint="remove those VMs first (`cloudlet vm rm ID --force`)",
+            )
         self.work_root.mkdir(parents=True, exist_ok=True)
         trash = Path(tempfile.mkdtemp(prefix=f"deleted-{name}.", dir=self.work_root))
         os.rename(d, trash / name)

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from cloudlet.hypervisor.qemu import find_tool
 from cloudlet.overlay._sparse import pwrite_all
 from cloudlet.overlay.errors import Qcow2Error
 
@@ -81,10 +82,7 @@ class Extent:
 
 
 def _run(args: list[str]) -> str:
-    try:
-        r = subprocess.run(args, capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise Qcow2Error(f"{args[0]} not found", hint="apt-get install qemu-utils") from e
+    r = subprocess.run([find_tool(args[0]), *args[1:]], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise Qcow2Error(f"{' '.join(args[:2])} failed: {r.stderr.strip() or r.returncode}")
     return r.stdout
