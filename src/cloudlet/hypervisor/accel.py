@@ -23,6 +23,7 @@ from cloudlet.config import Paths
 from cloudlet.errors import InvalidInputError
 from cloudlet.hypervisor.qemu import qemu_binary, qemu_version
 from cloudlet.util.fs import atomic_write_json, read_json
+from cloudlet.util.hashing import file_sha256
 
 PROBE_TIMEOUT_S = 6.0
 # Lines a kernel prints once it has come through early boot and driver initialisation.
@@ -85,10 +86,11 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT_S) -> AccelChoice:
 
 
 def _cache_key(kernel: Path) -> str:
+    """Keyed by content, not path: a base VM's copy of a kernel shares the image's probe."""
     h = hashlib.sha256()
     h.update(qemu_version().encode())
     h.update(platform.release().encode())
-    h.update(str(kernel.stat().st_size).encode() + str(int(kernel.stat().st_mtime)).encode())
+    h.update(file_sha256(kernel).encode())
     return h.hexdigest()[:32]
 
 

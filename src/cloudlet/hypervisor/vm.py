@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import enum
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
@@ -57,6 +56,7 @@ from cloudlet.hypervisor.ports import PortForward
 from cloudlet.hypervisor.qemu import default_machine, find_tool, qemu_binary, qemu_version
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
+from cloudlet.util.hashing import file_sha256
 from cloudlet.util.names import check_name
 
 log = logging.getLogger("cloudlet.hypervisor")
@@ -307,14 +307,6 @@ def _new_id() -> str:
     return secrets.token_hex(4)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 async def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -467,8 +459,8 @@ class VMManager:
             qemu_version=qemu_version(),
             boot="kernel" if src.kernel else "bios",
             cmdline=src.cmdline if src.kernel else None,
-            kernel_sha256=_sha256_file(src.kernel) if src.kernel else None,
-            initrd_sha256=_sha256_file(src.initrd) if src.initrd else None,
+            kernel_sha256=file_sha256(src.kernel) if src.kernel else None,
+            initrd_sha256=file_sha256(src.initrd) if src.initrd else None,
         )
 
     def host_hardware(self, recorded: Hardware, kernel: Path | None) -> Hardware:
@@ -570,7 +562,7 @@ class VMManager:
         """Record that ``vm.dir`` now holds a complete snapshot (RAM file, devstate, disk)."""
         vm.snapshot = {
             "devstate_bytes": vm.devstate_path.stat().st_size,
-            "devstate_sha256": _sha256_file(vm.devstate_path),
+            "devstate_sha256": file_sha256(vm.devstate_path),
             "saved_at": time.time(),
             "hardware": vm.hardware.to_dict(),
         }
@@ -869,7 +861,7 @@ class VMManager:
                 raise NotFoundError(
                     f"the kernel {vm.source.kernel} needed to resume VM {vm.id} is missing"
                 )
-            actual = _sha256_file(vm.source.kernel)
+            actual = file_sha256(vm.source.kernel)
             if actual != recorded.kernel_sha256:
                 diff["kernel_sha256"] = (recorded.kernel_sha256, actual)
         if diff:
