@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from cloudlet.overlay.format import (
     PAGES_PER_CLUSTER,
     TRAILER,
     Kind,
-    Manifest,
     OverlayReader,
     Payload,
     RecordLimits,
@@ -81,7 +80,7 @@ def _xor(a: bytes, b: bytes | memoryview) -> bytes:
     return np.bitwise_xor(np.frombuffer(a, np.uint64), np.frombuffer(b, np.uint64)).tobytes()
 
 
-class _DiskBuilder:
+class DiskBuilder:
     """Page writes onto a qcow2 being written, one cluster buffered at a time.
 
     A guest cluster starts as whatever it reads now (the base disk if untouched), gets its
@@ -149,10 +148,21 @@ class _DiskBuilder:
             self.write_page(p, _ZERO_PAGE)
 
 
-class _Applier:
-    """Holds the open files of one apply and turns records into writes."""
+class Sizes(Protocol):
+    """The sizes an applier needs (a :class:`Manifest` has them; so does a handoff session)."""
 
-    def __init__(self, manifest: Manifest, base: BaseRef, parts: dict[str, Path], backing: str):
+    memory_size: int
+    disk_size: int
+    devstate_size: int
+
+
+class RecordApplier:
+    """Holds the open files of one apply and turns records into writes.
+
+    Shared by overlay apply and the handoff destination: both receive the same records.
+    """
+
+    def __init__(self, manifest: Sizes, base: BaseRef, parts: dict[str, Path], backing: str):
         self.m = manifest
         self.parts = parts
         self.fds: list[int] = []
@@ -165,7 +175,7 @@ class _Applier:
         self.base_disk_size = os.fstat(self.base_disk_fd).st_size
         self.mem_fd = -1
         self.dev_fd = -1
-        self.disk: _DiskBuilder | None = None
+        self.disk: DiskBuilder | None = None
         self.counts: dict[tuple[Kind, Payload], int] = {}
 
     def _open(self, path: Path, flags: int) -> int:
@@ -184,7 +194,7 @@ class _Applier:
         os.ftruncate(self.dev_fd, self.m.devstate_size)
         self.step = "creating the disk layer"
         self.writer = Qcow2Writer(self.parts["disk.qcow2"], self.m.disk_size, backing=self.backing)
-        self.disk = _DiskBuilder(self.writer, self.base_disk_fd, self.base_disk_size)
+        self.disk = DiskBuilder(self.writer, self.base_disk_fd, self.base_disk_size)
         return copied
 
     def apply(self, kind: Kind, records: Iterable[tuple[Payload, int, int, memoryview]]) -> None:
@@ -316,9 +326,9 @@ def apply_overlay(
     total = FILE_HEADER_SIZE + (reader.header.manifest_length if reader.header else 0)
     total += m.segments_length + TRAILER.size
     renamed: list[Path] = []
-    app: _Applier | None = None
+    app: RecordApplier | None = None
     try:
-        app = _Applier(m, base, parts, backing)
+        app = RecordApplier(m, base, parts, backing)
         t0 = time.perf_counter()
         stats.base_ram_bytes_copied = app.start()
         stats.seconds["copy_base"] = time.perf_counter() - t0
