@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,16 @@ class Catalog:
         if run_migrations:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # A connection that never writes: its PRAGMA data_version changes whenever anyone
+        # (this process or another) commits, which makes cached views cheap to validate.
+        self._watch = sqlite3.connect(self.path, check_same_thread=False)
+        self._watch_lock = threading.Lock()
+
+    def version(self) -> int:
+        """A number that changes after every commit to the database, by any connection."""
+        with self._watch_lock:
+            row = self._watch.execute("PRAGMA data_version").fetchone()
+        return int(row[0])
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -88,4 +99,6 @@ class Catalog:
             s.merge(SettingRow(key=key, value=value))
 
     def close(self) -> None:
+        with self._watch_lock:
+            self._watch.close()
         self.engine.dispose()

@@ -130,6 +130,15 @@ class OperationRunner:
                 failed.append(r.id)
         return failed
 
+    def settle(self, op_id: str, result: dict[str, Any]) -> None:
+        """Mark an operation that :meth:`recover` failed as succeeded after all: its effect was
+        complete (e.g. the instance it started is running) when the server died."""
+        with self.catalog.session() as s:
+            r = s.get(OperationRow, op_id)
+            if r is not None and r.state == FAILED:
+                r.state, r.error, r.result, r.progress = SUCCEEDED, None, result, 1.0
+                r.updated = now()
+
     async def close(self) -> None:
         """Cancel what still runs (server shutdown) and wait for the cleanups."""
         tasks = [t for t in self._tasks.values() if not t.done()]

@@ -29,6 +29,17 @@ SNAPSHOT_FILES = ("memory.ram", "disk.qcow2", "devstate")
 ENTRY_RECORD = "snapshot.json"
 
 
+_generation = [0]  # bumped on every change made here (views that show "cached" depend on it)
+
+
+def generation() -> int:
+    return _generation[0]
+
+
+def bump() -> None:
+    _generation[0] += 1
+
+
 def cache_key(overlay_sha256: str, base_id: str) -> str:
     return f"{overlay_sha256[:20]}-{base_id[:20]}"
 
@@ -71,6 +82,7 @@ class SnapshotCache:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        bump()
         return record | {"bytes": copied}
 
     def restore(self, sid: str, key: str, vm_dir: Path) -> int:
@@ -85,6 +97,7 @@ class SnapshotCache:
     def drop(self, sid: str, key: str | None = None) -> None:
         d = self.entry(sid, key) if key else self.root / check_service_id(sid)
         shutil.rmtree(d, ignore_errors=True)
+        bump()
 
     def clean_staging(self) -> None:
         """Remove half-made entries (a server killed while filling the cache)."""
