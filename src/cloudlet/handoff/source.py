@@ -1,0 +1,485 @@
+"""The sending end of a handoff: pre-copy rounds while the VM runs, then stop-and-copy.
+
+What the destination has is tracked exactly: a *shadow* of its RAM (it starts as the base VM's
+RAM, which the destination already holds) and, for the disk, a hash of every page sent. Each
+round compares the live VM against the shadow and sends only the difference; every page sent
+is copied into the shadow *as it was sent*. Pages read while the VM runs may be torn, but that
+does not matter: the final round, taken with the VM paused, compares against exactly what was
+sent and so catches every page that differs, torn or not.
+
+Pages the destination's base already has (same content anywhere in the base's RAM or disk,
+found by hash and checked byte for byte) go as references; zero pages as zero runs; the rest as
+literal pages, framed and compressed with the codec the adaptive controller picks per frame.
+
+Rounds stop when the last one would fit the downtime target, when the changed set stops
+shrinking, or at ``max_rounds``. Then the VM is paused, its device state saved, the last
+difference and the device state sent, and the destination restores and resumes the VM. Only
+after it confirms is the source VM ended and its directory removed. Any failure before that
+resumes the source VM (if it was paused) and aborts the destination session: the VM keeps
+running, untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures as cf
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from cloudlet.config import Paths
+from cloudlet.errors import CloudletError, ConflictError
+from cloudlet.handoff.adaptive import CompressionController, Option
+from cloudlet.handoff.errors import HandoffError, HandoffTransferError
+from cloudlet.handoff.link import DestinationLink
+from cloudlet.handoff.wire import encode_frame
+from cloudlet.hypervisor.qmp import Monitor
+from cloudlet.hypervisor.vm import VM, VMManager, VMState
+from cloudlet.overlay.codecs import CODECS
+from cloudlet.overlay.format import MAX_DEVSTATE_RECORD, PAGE, Kind, Payload, pack_record
+from cloudlet.overlay.index import PageLookup, load_index
+from cloudlet.overlay.qcow2 import TopLayer
+from cloudlet.synthesis.base import BaseStore, BaseVM
+
+log = logging.getLogger("cloudlet.handoff")
+
+Progress = Callable[[str, int, int], None]
+COMPARE_CHUNK = 64 << 20
+_ZERO_PAGE = bytes(PAGE)
+_ZERO_H128 = xxhash.xxh3_128_intdigest(_ZERO_PAGE)
+
+
+@dataclass
+class HandoffOptions:
+    downtime_target_s: float = 1.0
+    max_rounds: int = 8
+    frame_raw_bytes: int = 1 << 20
+    shrink_factor: float = 0.9  # a round must be smaller than this x the previous one
+
+
+@dataclass
+class RoundStats:
+    round: int
+    final: bool
+    memory_pages: int = 0
+    disk_pages: int = 0
+    devstate_bytes: int = 0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    frames: int = 0
+    records: dict[str, int] = field(default_factory=dict)
+    compare_s: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Wire bytes per second this round achieved end to end."""
+        return self.wire_bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def _load_sparse(path: Path, size: int) -> np.ndarray:
+    """The file as a writable uint8 array, reading only its data extents (holes are zeros)."""
+    arr = np.zeros(size, dtype=np.uint8)
+    mv = memoryview(arr)
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        end = min(size, os.fstat(fd).st_size)
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = min(end, os.lseek(fd, start, os.SEEK_HOLE))
+            f.seek(start)
+            f.readinto(mv[start:stop])
+            pos = stop
+    return arr
+
+
+class _Encoder:
+    """Finds what the destination lacks and turns it into compressed frames (one thread)."""
+
+    def __init__(
+        self, vm: VM, base: BaseVM, controller: CompressionController, opts: HandoffOptions
+    ) -> None:
+        self.vm, self.base, self.ctl, self.opts = vm, base, controller, opts
+        self.mem_size = vm.hardware.memory_bytes
+        self.ram = np.memmap(vm.ram_path, dtype=np.uint8, mode="r", shape=(self.mem_size,))
+        self.shadow = _load_sparse(base.path("memory.ram"), self.mem_size)
+        self.base_ram_fd = os.open(base.path("memory.ram"), os.O_RDONLY)
+        self.base_disk_fd = os.open(base.path("disk.raw"), os.O_RDONLY)
+        self.base_disk_size = os.fstat(self.base_disk_fd).st_size
+        self.mem_lookup = PageLookup(load_index(base.path("memory.idx.npy")))
+        self.disk_lookup = PageLookup(load_index(base.path("disk.idx.npy")))
+        self.disk_shadow: dict[int, int] = {}  # page -> xxh3-128 of what the destination has
+        self.pool = cf.ThreadPoolExecutor(
+            max(1, controller.cores), thread_name_prefix="handoff-zstd"
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fd in (self.base_ram_fd, self.base_disk_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        del self.ram
+
+    # -- what changed --------------------------------------------------------------------
+    def _base_page(self, fd: int, page: int, size: int | None = None) -> bytes:
+        off = page * PAGE
+        if size is not None and off >= size:
+            return _ZERO_PAGE
+        data = os.pread(fd, PAGE, off)
+        return data if len(data) == PAGE else data + bytes(PAGE - len(data))
+
+    def changed_memory(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
+        ram64 = self.ram.view(np.uint64)
+        sh64 = self.shadow.view(np.uint64)
+        words = COMPARE_CHUNK // 8
+        for w0 in range(0, ram64.shape[0], words):
+            if stop.is_set():
+                return
+            a = ram64[w0 : w0 + words].reshape(-1, PAGE // 8)
+            b = sh64[w0 : w0 + words].reshape(-1, PAGE // 8)
+            for rel in np.flatnonzero(np.any(a != b, axis=1)).tolist():
+                p = w0 // (PAGE // 8) + rel
+                off = p * PAGE
+                data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
+                self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
+                yield p, data
+
+    def changed_disk(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
+        with TopLayer(self.vm.disk_path, force_share=True) as top:
+            for piece in top.pieces():
+                if stop.is_set():
+                    return
+                if piece.kind == "data" and not piece.compressed:
+                    blob = os.pread(top.fd, piece.count * PAGE, piece.offset)
+                    blob += bytes(piece.count * PAGE - len(blob))
+                    pages = (
+                        (piece.first + i, blob[i * PAGE : (i + 1) * PAGE])
+                        for i in range(piece.count)
+                    )
+                elif piece.kind == "zero":
+                    pages = ((piece.first + i, _ZERO_PAGE) for i in range(piece.count))
+                else:  # partial or compressed: assemble page by page
+                    pages = (
+                        (piece.first + i, self._assemble(top, piece, i)) for i in range(piece.count)
+                    )
+                for p, data in pages:
+                    h = xxhash.xxh3_128_intdigest(data)
+                    prev = self.disk_shadow.get(p)
+                    if prev == h:
+                        continue
+                    if prev is None and data == self._base_page(
+                        self.base_disk_fd, p, self.base_disk_size
+                    ):
+                        continue  # the destination's base already has it at this offset
+                    self.disk_shadow[p] = h
+                    yield p, data
+
+    def _assemble(self, top: TopLayer, piece: Any, i: int) -> bytes:
+        p = piece.first + i
+        if piece.kind == "data":  # compressed cluster
+            ext = piece.parts[0][2]
+            return top.read(ext, p * PAGE - ext.start, PAGE)
+        page = bytearray(self._base_page(self.base_disk_fd, p, self.base_disk_size))
+        for off_in_page, length, ext in piece.parts:
+            page[off_in_page : off_in_page + length] = top.read(
+                ext, p * PAGE + off_in_page - ext.start, length
+            )
+        return bytes(page)
+
+    # -- records -------------------------------------------------------------------------
+    def record(
+        self, kind: Kind, p: int, data: bytes, counts: dict[str, int], sent_mem: dict[int, int]
+    ) -> bytes:
+        """One record for page ``p``; ``sent_mem`` maps hashes of memory pages sent this round.
+
+        A disk page equal to a memory page sent earlier in the same round (file data is often
+        in the guest's page cache too) goes as a reference to that page: memory records of a
+        round are applied before its disk records, so the destination has exactly those bytes.
+        """
+        if not np.frombuffer(data, dtype=np.uint64).any():
+            counts["zero"] = counts.get("zero", 0) + 1
+            return pack_record(Payload.ZERO, p, 1)
+        h = xxhash.xxh3_64_intdigest(data)
+        if kind is Kind.DISK:
+            q = sent_mem.get(h)
+            if q is not None and self.shadow[q * PAGE : (q + 1) * PAGE].tobytes() == data:
+                counts["self_mem"] = counts.get("self_mem", 0) + 1
+                return pack_record(Payload.SELF_MEM, p, q)
+        for ptype, lookup, fd, size in (
+            (Payload.BASE_MEM, self.mem_lookup, self.base_ram_fd, None),
+            (Payload.BASE_DISK, self.disk_lookup, self.base_disk_fd, self.base_disk_size),
+        ):
+            for q in lookup.candidates(h)[:4].tolist():
+                if self._base_page(fd, q, size) == data:  # a hash match is checked byte for byte
+                    name = ptype.name.lower()
+                    counts[name] = counts.get(name, 0) + 1
+                    return pack_record(ptype, p, q)
+        counts["literal"] = counts.get("literal", 0) + 1
+        if kind is Kind.MEMORY:
+            sent_mem.setdefault(h, p)
+        return pack_record(Payload.LITERAL, p, 0, data)
+
+    # -- frames --------------------------------------------------------------------------
+    def _compress(self, raw: bytes, opt: Option) -> tuple[bytes, Option]:
+        t0 = time.thread_time()
+        stored = CODECS[opt.codec].compress(raw, opt.level)
+        if opt.codec and len(stored) >= len(raw):
+            return raw, Option("none", 0, 0)  # incompressible: send as is
+        self.ctl.observe_compress(opt, len(raw), len(stored), time.thread_time() - t0)
+        return stored, opt
+
+    def round(
+        self,
+        n: int,
+        emit: Callable[[bytes], None],
+        stop: threading.Event,
+        devstate: Path | None,
+        progress: Progress | None,
+    ) -> RoundStats:
+        st = RoundStats(round=n, final=devstate is not None)
+        pending: collections.deque[tuple[cf.Future[tuple[bytes, Option]], Kind, int, int]] = (
+            collections.deque()
+        )
+        seq = 0
+
+        def drain(limit: int) -> None:
+            nonlocal seq
+            while len(pending) > limit:
+                fut, kind, nrec, raw_len = pending.popleft()
+                stored, opt = fut.result()
+                frame = encode_frame(seq, kind, nrec, stored, raw_len, opt.codec, opt.level)
+                seq += 1
+                st.frames += 1
+                st.wire_bytes += len(frame)
+                emit(frame)
+
+        def submit(kind: Kind, buf: bytearray, nrec: int) -> None:
+            raw = bytes(buf)
+            st.raw_bytes += len(raw)
+            pending.append(
+                (self.pool.submit(self._compress, raw, self.ctl.choose()), kind, nrec, len(raw))
+            )
+            drain(self.ctl.cores * 2)
+
+        t0 = time.monotonic()
+        if devstate is not None:
+            data = devstate.read_bytes()
+            st.devstate_bytes = len(data)
+            buf, nrec = bytearray(), 0
+            for off in range(0, len(data), MAX_DEVSTATE_RECORD):
+                chunk = data[off : off + MAX_DEVSTATE_RECORD]
+                buf += pack_record(Payload.LITERAL, off, 0, chunk)
+                nrec += 1
+                if len(buf) >= self.opts.frame_raw_bytes:
+                    submit(Kind.DEVSTATE, buf, nrec)
+                    buf, nrec = bytearray(), 0
+            if nrec:
+                submit(Kind.DEVSTATE, buf, nrec)
+        sent_mem: dict[int, int] = {}
+        for kind, source in ((Kind.MEMORY, self.changed_memory), (Kind.DISK, self.changed_disk)):
+            buf, nrec = bytearray(), 0
+            tc = time.monotonic()
+            for p, data in source(stop):
+                buf += self.record(kind, p, data, st.records, sent_mem)
+                nrec += 1
+                if kind is Kind.MEMORY:
+                    st.memory_pages += 1
+                else:
+                    st.disk_pages += 1
+                if len(buf) >= self.opts.frame_raw_bytes:
+                    submit(kind, buf, nrec)
+                    buf, nrec = bytearray(), 0
+                    if progress:
+                        progress(f"round {n}", st.raw_bytes, 0)
+            if nrec:
+                submit(kind, buf, nrec)
+            st.compare_s += time.monotonic() - tc
+        drain(0)
+        st.seconds = time.monotonic() - t0
+        return st
+
+
+_END = object()
+
+
+class HandoffSource:
+    """Move VM ``vm_id`` to the destination behind ``link``. One use per instance."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        vm_id: str,
+        link: DestinationLink,
+        *,
+        options: HandoffOptions | None = None,
+        controller: CompressionController | None = None,
+        meta: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.paths = paths
+        self.vm_id = vm_id
+        self.link = link
+        self.opts = options or HandoffOptions()
+        self.ctl = controller or CompressionController()
+        self.meta = meta or {}
+        self.progress = progress
+        self.vms = VMManager(paths)
+        self.rounds: list[RoundStats] = []
+
+    async def run(self) -> dict[str, Any]:
+        vm = self.vms.get(self.vm_id)
+        if vm.state is not VMState.RUNNING:
+            raise ConflictError(
+                f"VM {vm.id} is {vm.state.value}; only a running VM can be handed off"
+            )
+        if vm.source.kind != "base":
+            raise ConflictError(
+                f"VM {vm.id} was not started from a base VM: a handoff needs a base both sides hold"
+            )
+        base = BaseStore(self.paths).get(vm.source.name)
+        t_start = time.monotonic()
+        with self.vms.locked(vm):  # a second handoff of the same VM gets a ConflictError (409)
+            req = {
+                "base_id": base.base_id,
+                "hardware": vm.hardware.to_dict(),
+                "guest_ports": [f.guest for f in vm.forwards],
+                "name": vm.name,
+                "meta": self.meta,
+            }
+            session = (await self.link.prepare(req))["session"]  # refused here: nothing paused
+            enc = await asyncio.to_thread(_Encoder, vm, base, self.ctl, self.opts)
+            try:
+                result, t_pause, t_resumed = await self._transfer(vm, enc, session)
+            finally:
+                enc.close()
+            # The destination runs the VM: only now end ours.
+            await self._end_source(vm)
+        await self.vms.delete(vm.id, force=True)
+        return {
+            "vm": vm.id,
+            "destination": result,
+            "total_s": round(t_resumed - t_start, 4),
+            "downtime_s": round(t_resumed - t_pause, 4),
+            "rounds": [asdict(r) for r in self.rounds],
+            "bytes_on_wire": sum(r.wire_bytes for r in self.rounds),
+            "compression": self.ctl.snapshot(),
+        }
+
+    async def _transfer(
+        self, vm: VM, enc: _Encoder, session: str
+    ) -> tuple[dict[str, Any], float, float]:
+        try:
+            prev: RoundStats | None = None
+            for n in range(1, self.opts.max_rounds + 1):
+                _, st = await self._round(enc, session, n, None)
+                log.info(
+                    "handoff VM %s round %d: %d memory + %d disk pages, %d wire bytes, %.2f s",
+                    vm.id, n, st.memory_pages, st.disk_pages, st.wire_bytes, st.seconds,
+                )  # fmt: skip
+                fits = st.rate > 0 and st.wire_bytes / st.rate <= self.opts.downtime_target_s / 2
+                shrinking = prev is None or st.raw_bytes < prev.raw_bytes * self.opts.shrink_factor
+                if fits or not shrinking:
+                    break
+                prev = st
+        except BaseException:
+            await self.link.abort(session)
+            raise
+        # Stop-and-copy.
+        async with await Monitor.connect(vm.qmp_path) as mon:
+            t_pause = time.monotonic()
+            await self.vms.pause(vm, mon)
+            devstate = vm.dir / "handoff.devstate"
+            try:
+                await self.vms.save_devstate(vm, mon, devstate)
+                result, _ = await self._round(enc, session, len(self.rounds) + 1, devstate)
+                t_resumed = time.monotonic()
+            except BaseException as e:
+                with contextlib.suppress(Exception):
+                    await mon.execute("cont")  # the source VM keeps serving, untouched
+                await self.link.abort(session)
+                if isinstance(e, HandoffError | asyncio.CancelledError):
+                    raise
+                if isinstance(e, CloudletError):
+                    raise HandoffTransferError("sending the last round", e.message) from e
+                raise HandoffTransferError(
+                    "sending the last round", f"{type(e).__name__}: {e}"
+                ) from e
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    devstate.unlink()
+        return result, t_pause, t_resumed
+
+    async def _round(
+        self, enc: _Encoder, session: str, n: int, devstate: Path | None
+    ) -> tuple[dict[str, Any], RoundStats]:
+        q: queue.Queue[object] = queue.Queue(maxsize=8)
+        stop = threading.Event()
+        holder: list[RoundStats] = []
+
+        def put(item: object) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce() -> None:
+            try:
+                holder.append(enc.round(n, put, stop, devstate, self.progress))
+                put(_END)
+            except BaseException as e:  # handed to the sender, which raises it
+                put(e)
+
+        async def frames() -> AsyncIterator[bytes]:
+            while True:
+                item = await asyncio.to_thread(q.get)
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, bytes)
+                yield item
+
+        t = threading.Thread(target=produce, name=f"handoff-round-{n}", daemon=True)
+        t0 = time.monotonic()
+        t.start()
+        try:
+            result = await self.link.send(session, frames(), final=devstate is not None)
+        finally:
+            stop.set()
+            await asyncio.to_thread(t.join, 30)
+        st = holder[0] if holder else RoundStats(round=n, final=devstate is not None)
+        st.seconds = time.monotonic() - t0
+        self.rounds.append(st)
+        return result, st
+
+    async def _end_source(self, vm: VM) -> None:
+        pid = vm.pid
+        try:
+            async with await Monitor.connect(vm.qmp_path, timeout=3) as mon:
+                with contextlib.suppress(Exception):
+                    await mon.execute("quit")
+        except CloudletError:
+            pass
+        if pid and vm.process_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        vm.state, vm.pid = VMState.STOPPED, None
+        vm.meta["handed_off"] = time.time()
+        vm.save()

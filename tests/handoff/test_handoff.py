@@ -1,0 +1,209 @@
+"""Handoff end to end between two data dirs with real QEMU VMs (destination in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloudlet.config import Paths, paths
+from cloudlet.errors import ConflictError
+from cloudlet.handoff.destination import HandoffDestination
+from cloudlet.handoff.errors import HandoffError, HandoffPrepareError
+from cloudlet.handoff.link import LocalLink
+from cloudlet.handoff.source import HandoffOptions, HandoffSource
+from cloudlet.hypervisor.vm import VMManager, VMState
+from cloudlet.synthesis.base import BaseStore
+from helpers import counter, qemu_pids_mentioning
+
+pytestmark = pytest.mark.vm
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def dest_home(tmp_path: Path, session_home: Paths, tiny_base) -> Iterator[Paths]:  # type: ignore[no-untyped-def]
+    """A second cloudlet's data dir holding the same base VM."""
+    h = tmp_path / "dest"
+    h.mkdir()
+    (h / "cache").symlink_to(session_home.cache)
+    p = paths(h)
+    (p.bases / "tiny").symlink_to(tiny_base.dir)
+    yield p
+    mgr = VMManager(p)
+    for vm in mgr.list():
+        run(mgr.delete(vm.id, force=True))
+    assert qemu_pids_mentioning(str(h)) == []
+
+
+def _start(base_home: Paths) -> tuple[Any, int]:
+    vm = run(BaseStore(base_home).start_vm("tiny"))
+    port = vm.host_port(80)
+    for _ in range(3):
+        counter(port)
+    r = run(
+        VMManager(base_home).exec(
+            vm.id, "head -c 2000000 /dev/urandom > /root/blob && sync && md5sum /root/blob"
+        )
+    )
+    assert r.exit_code == 0
+    vm.meta["md5"] = r.stdout
+    return vm, port
+
+
+def test_handoff_moves_state_and_frees_the_source(base_home: Paths, dest_home: Paths) -> None:
+    vm, _port = _start(base_home)
+    # A process that keeps dirtying guest memory while the handoff runs.
+    run(
+        VMManager(base_home).exec(
+            vm.id, "(i=0; while :; do i=$((i+1)); echo $i > /run/busy; done) >/dev/null 2>&1 &"
+        )
+    )
+    dest = HandoffDestination(dest_home)
+    rep = run(HandoffSource(base_home, vm.id, LocalLink(dest)).run())
+    new_id = rep["destination"]["vm"]
+    moved = VMManager(dest_home).get(new_id)
+    assert moved.state is VMState.RUNNING
+    assert counter(moved.host_port(80)) == {"memory": 4, "disk": 4}
+    md5 = run(VMManager(dest_home).exec(new_id, "md5sum /root/blob")).stdout
+    assert md5 == vm.meta["md5"]
+    # Only what the base lacked travelled: far less than the 256 MiB of RAM.
+    assert rep["bytes_on_wire"] < 16 * 2**20
+    assert rep["rounds"][-1]["final"] and rep["rounds"][-1]["devstate_bytes"] > 0
+    assert 0 < rep["downtime_s"] < rep["total_s"]
+    # The source holds nothing of the VM any more.
+    assert VMManager(base_home).list() == []
+    assert qemu_pids_mentioning(str(base_home.home)) == []
+    assert dest.sessions == {}
+
+
+def test_destination_without_the_base_is_refused_before_pausing(
+    base_home: Paths, tmp_path: Path
+) -> None:
+    vm, port = _start(base_home)
+    empty = paths(tmp_path / "empty")
+    with pytest.raises(HandoffPrepareError, match="does not hold base VM"):
+        run(HandoffSource(base_home, vm.id, LocalLink(HandoffDestination(empty))).run())
+    assert VMManager(base_home).get(vm.id).state is VMState.RUNNING
+    assert counter(port)["memory"] == 4
+    assert list(empty.vms.iterdir()) == []
+
+
+class FailingLink(LocalLink):
+    """Cuts the link after ``after`` bytes of the round whose number is ``in_round``."""
+
+    def __init__(self, dest: HandoffDestination, *, final: bool, after: int = 100_000) -> None:
+        super().__init__(dest)
+        self.fail_final, self.after = final, after
+
+    async def send(
+        self, session: str, frames: AsyncIterator[bytes], *, final: bool
+    ) -> dict[str, Any]:
+        if final != self.fail_final:
+            return await super().send(session, frames, final=final)
+
+        async def cut() -> AsyncIterator[bytes]:
+            n = 0
+            async for f in frames:
+                n += len(f)
+                if n > self.after:
+                    raise ConnectionResetError("link cut by the test")
+                yield f
+
+        return await super().send(session, cut(), final=final)
+
+
+@pytest.mark.parametrize("phase", ["pre-copy", "stop-and-copy"])
+def test_link_cut_leaves_the_source_running(base_home: Paths, dest_home: Paths, phase: str) -> None:
+    vm, port = _start(base_home)
+    dest = HandoffDestination(dest_home)
+    link = FailingLink(
+        dest, final=phase == "stop-and-copy", after=1000 if phase == "stop-and-copy" else 100_000
+    )
+    with pytest.raises((HandoffError, ConnectionResetError)):
+        run(HandoffSource(base_home, vm.id, link).run())
+    src = VMManager(base_home).get(vm.id)
+    assert src.state is VMState.RUNNING and src.process_alive()
+    assert counter(port) == {"memory": 4, "disk": 4}  # untouched and serving
+    assert run(VMManager(base_home).exec(vm.id, "md5sum /root/blob")).stdout == vm.meta["md5"]
+    # The destination cleaned up after itself.
+    assert dest.sessions == {}
+    assert list(dest_home.vms.iterdir()) == []
+    assert qemu_pids_mentioning(str(dest_home.home)) == []
+
+
+def test_corrupt_frame_is_refused_and_source_keeps_running(
+    base_home: Paths, dest_home: Paths
+) -> None:
+    vm, port = _start(base_home)
+    dest = HandoffDestination(dest_home)
+
+    class Flip(LocalLink):
+        async def send(
+            self, session: str, frames: AsyncIterator[bytes], *, final: bool
+        ) -> dict[str, Any]:
+            async def flip() -> AsyncIterator[bytes]:
+                first = True
+                async for f in frames:
+                    if first:
+                        f = f[:40] + bytes([f[40] ^ 1]) + f[41:]
+                        first = False
+                    yield f
+
+            return await super().send(session, flip(), final=final)
+
+    with pytest.raises(Exception, match="corrupt"):
+        run(HandoffSource(base_home, vm.id, Flip(dest)).run())
+    assert VMManager(base_home).get(vm.id).state is VMState.RUNNING
+    assert counter(port)["memory"] == 4
+    assert list(dest_home.vms.iterdir()) == []
+
+
+def test_second_handoff_of_the_same_vm_conflicts(base_home: Paths, dest_home: Paths) -> None:
+    vm, _ = _start(base_home)
+    mgr = VMManager(base_home)
+    with mgr.locked(mgr.get(vm.id)), pytest.raises(ConflictError):  # as a running handoff holds it
+        run(HandoffSource(base_home, vm.id, LocalLink(HandoffDestination(dest_home))).run())
+    assert mgr.get(vm.id).state is VMState.RUNNING
+
+
+def test_idle_destination_session_is_discarded(
+    base_home: Paths, dest_home: Paths, tiny_base
+) -> None:  # type: ignore[no-untyped-def]
+    from cloudlet.hypervisor.vm import VMManager as M
+
+    async def go() -> None:
+        dest = HandoffDestination(dest_home, idle_timeout=0.5)
+        hw = tiny_base.hardware.to_dict()
+        s = await dest.prepare({"base_id": tiny_base.base_id, "hardware": hw, "guest_ports": [80]})
+        assert s["session"] in dest.sessions
+        for _ in range(40):
+            if not dest.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert dest.sessions == {}
+
+    run(go())
+    assert M(dest_home).list() == []
+
+
+def test_options_bound_the_rounds(base_home: Paths, dest_home: Paths) -> None:
+    vm, _port = _start(base_home)
+    run(
+        VMManager(base_home).exec(
+            vm.id, "(while :; do head -c 4000000 /dev/urandom > /run/churn; done) >/dev/null 2>&1 &"
+        )
+    )
+    opts = HandoffOptions(max_rounds=2, downtime_target_s=0.001)
+    rep = run(
+        HandoffSource(
+            base_home, vm.id, LocalLink(HandoffDestination(dest_home)), options=opts
+        ).run()
+    )
+    assert len(rep["rounds"]) <= 3  # at most two pre-copy rounds plus the final one
+    assert counter(VMManager(dest_home).get(rep["destination"]["vm"]).host_port(80))["memory"] == 4
