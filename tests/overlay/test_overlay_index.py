@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import xxhash
 
-from cloudlet.overlay._sparse import copy_sparse, data_extents, zero_range
 from cloudlet.overlay.index import (
     ZERO_PAGE_HASH,
     PageLookup,
@@ -16,6 +15,7 @@ from cloudlet.overlay.index import (
     page_index,
     save_index,
 )
+from cloudlet.util.sparse import copy_sparse, data_extents, zero_range
 
 PAGE = 4096
 

@@ -51,6 +51,7 @@ from cloudlet.overlay.format import MAX_DEVSTATE_RECORD, PAGE, Kind, Payload, pa
 from cloudlet.overlay.index import PageLookup, load_index
 from cloudlet.overlay.qcow2 import TopLayer
 from cloudlet.synthesis.base import BaseStore, BaseVM
+from cloudlet.util.sparse import data_extents
 
 log = logging.getLogger("cloudlet.handoff")
 
@@ -93,18 +94,9 @@ def _load_sparse(path: Path, size: int) -> np.ndarray:
     arr = np.zeros(size, dtype=np.uint8)
     mv = memoryview(arr)
     with open(path, "rb") as f:
-        fd = f.fileno()
-        end = min(size, os.fstat(fd).st_size)
-        pos = 0
-        while pos < end:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            stop = min(end, os.lseek(fd, start, os.SEEK_HOLE))
+        for start, end in data_extents(f.fileno(), min(size, os.fstat(f.fileno()).st_size)):
             f.seek(start)
-            f.readinto(mv[start:stop])
-            pos = stop
+            f.readinto(mv[start:end])
     return arr
 
 

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from cloudlet.errors import InvalidInputError
-from cloudlet.overlay._sparse import copy_sparse, pwrite_all, zero_range
 from cloudlet.overlay.base import BaseRef
 from cloudlet.overlay.errors import OverlayBaseMismatch, OverlayIOError, OverlayOutputExists
 from cloudlet.overlay.format import (
@@ -42,6 +41,7 @@ from cloudlet.overlay.format import (
     iter_records,
 )
 from cloudlet.overlay.qcow2 import CLUSTER, Qcow2Writer
+from cloudlet.util.sparse import copy_sparse, pwrite_all, zero_range
 
 Progress = Callable[[str, int, int], None]
 OUTPUT_FILES = ("memory.ram", "disk.qcow2", "devstate")  # rename order: devstate last

@@ -37,7 +37,6 @@ import numpy as np
 import xxhash
 
 from cloudlet import __version__
-from cloudlet.overlay._sparse import coalesce_extents, page_extents, union_extents
 from cloudlet.overlay.base import BaseRef
 from cloudlet.overlay.codecs import CODECS, NoneCodec, ZstdCodec
 from cloudlet.overlay.errors import OverlayInputError, OverlayIOError
@@ -63,6 +62,7 @@ from cloudlet.overlay.format import (
 )
 from cloudlet.overlay.index import PageLookup, load_index
 from cloudlet.overlay.qcow2 import PagePiece, TopLayer
+from cloudlet.util.sparse import coalesce_extents, page_extents, union_extents
 
 Progress = Callable[[str, int, int], None]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from cloudlet.overlay._sparse import page_extents
+from cloudlet.util.sparse import page_extents
 
 PAGE = 4096
 _CHUNK = 16 << 20  # read granularity: large enough for numpy, small enough for the cache

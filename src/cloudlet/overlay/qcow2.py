@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from cloudlet.hypervisor.qemu import find_tool
-from cloudlet.overlay._sparse import pwrite_all
 from cloudlet.overlay.errors import Qcow2Error
+from cloudlet.util.sparse import pwrite_all
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
