@@ -8,14 +8,13 @@ a candidate: callers compare bytes before trusting it (xxh3_64 is not collision-
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
+from cloudlet.util.fs import atomic_writer
 from cloudlet.util.sparse import page_extents
 
 PAGE = 4096
@@ -67,17 +66,8 @@ def save_index(index: np.ndarray, path: Path | str) -> None:
     """Save as ``.npy`` via a temp file and rename, so a crash never leaves half an index."""
     path = Path(path)
     arr = np.ascontiguousarray(index, dtype=np.uint64)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path) as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def load_index(path: Path | str, *, pages: int | None = None, mmap: bool = True) -> np.ndarray:
