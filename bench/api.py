@@ -11,9 +11,11 @@ service bootstrapped) and measures it from separate load processes:
    asyncio client: raw keep-alive HTTP/1.1, one process), p50/p99 latency: paced (each client
    joins ``--join-rate`` times a second, latency from when the request was due), and closed
    loop (each client sends its next join as soon as the last is answered: saturation).
-3. Start of a service to its first HTTP answer (client side: request, follow the operation,
-   first answer on the instance's port): the first start (synthesis), then starts while its
-   snapshot is cached, each after stopping the previous instance.
+3. Start of a service to its first HTTP answer (client side: ``POST /v1/instances?wait=60``,
+   which answers once the instance runs, then the first answer on the instance's port): the
+   first start (synthesis), then starts while its snapshot is cached, each after stopping the
+   previous instance and once the server has made its standby VM for the next start (its
+   steady state). The join run also starts in that steady state.
 
     .venv/bin/python bench/api.py [--duration 10] [--cached-runs 5]
 
@@ -156,7 +158,7 @@ def run_load(
     rate: float = 0.0,
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "_load", "--port", str(port), "--path", path]
-    cmd += ["--token", token, "--method", method, "--concurrency", str(c), "--duration", str(d)]
+    cmd += [f"--token={token}", "--method", method, "--concurrency", str(c), "--duration", str(d)]
     cmd += ["--rate", str(rate)]
     if body:
         cmd += ["--body", body]
@@ -229,15 +231,19 @@ async def timed_start(
 ) -> tuple[float, dict[str, Any]]:
     """Seconds from the start request to the first HTTP answer of the instance."""
     t0 = time.perf_counter()
-    r = await c.post("/v1/instances", json={"service_id": SAMPLE, "join": join})
+    r = await c.post("/v1/instances?wait=60", json={"service_id": SAMPLE, "join": join})
     r.raise_for_status()
     d = r.json()
-    if r.status_code == 202:
+    inst = d["instance"]
+    if r.status_code == 202:  # still booting: follow it; its end event has the instance
         async with c.stream("GET", f"/v1/operations/{d['operation']}/events") as s:
+            end = False
             async for line in s.aiter_lines():
                 if line.startswith("event: end"):
+                    end = True
+                elif end and line.startswith("data:"):
+                    inst = json.loads(line[5:])["result"]["instance"]
                     break
-    inst = (await c.get(f"/v1/instances/{d['instance']['id']}")).json()
     url = inst["endpoints"]["80"]["url"]
     while True:
         try:
@@ -246,6 +252,24 @@ async def timed_start(
         except httpx.HTTPError:
             await asyncio.sleep(0.002)
     return time.perf_counter() - t0, inst
+
+
+async def standby_ready(c: httpx.AsyncClient, timeout: float = 30.0) -> None:
+    """Wait until the server has its standby VM for the next cached start (steady state)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vms = (await c.get("/v1/vms")).json()
+        if any(v["name"].startswith("inst-spare") and v["state"] == "paused" for v in vms):
+            await asyncio.sleep(0.5)  # and let the machine settle after making it
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("no standby VM was made")
+
+
+async def _standby_ready(url: str, token: str) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as c:
+        await standby_ready(c)
 
 
 async def starts(url: str, token: str, cached_runs: int) -> dict[str, Any]:
@@ -260,7 +284,7 @@ async def starts(url: str, token: str, cached_runs: int) -> dict[str, Any]:
         cached = []
         server_side = []
         for _ in range(cached_runs):
-            await asyncio.sleep(2.0)  # let the standby copy of the snapshot be made
+            await standby_ready(c)
             t, inst = await timed_start(c, probe, join=False)
             cached.append(t)
             kinds.append(inst["start_kind"])
@@ -350,6 +374,7 @@ def main() -> None:
             op = r.json()["operation"]
             while httpx.get(f"{url}/v1/operations/{op}", headers=h).json()["state"] == "running":
                 time.sleep(0.1)
+        asyncio.run(_standby_ready(url, token))  # steady state: no refill under the load
         body = json.dumps({"service_id": SAMPLE, "join": True, "user": "bench-{i}"})
         result["join"] = run_load(
             port,

@@ -66,4 +66,5 @@ def serve(
         settings.name = name
     app = create_app(p, settings, on_admin_token=_print_token)
     console.print(f"cloudlet serving {p.home} on http://{host}:{port} (API docs: /docs)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # loop="asyncio": under uvloop, waiting for a daemonizing QEMU's pipes never ends.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, loop="asyncio")

@@ -234,7 +234,7 @@ class Client:
         body: dict[str, Any] = {"service_id": sid, "join": join}
         if user:
             body["user"] = user
-        res = self.request("POST", "/v1/instances", json=body)
+        res = self.request("POST", "/v1/instances", json=body, params={"wait": 60})
         iid = res["instance"]["id"]
         if "result" in res:  # it booted (or we waited for its boot)
             res["instance"] = self.get_instance(iid)

@@ -8,6 +8,7 @@ the same three keys beside it.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,6 +94,7 @@ def create_app(
         made = core.tokens.ensure_admin()
         if made is not None and on_admin_token is not None:
             on_admin_token(made)
+        gc.freeze()  # what startup made lives on: keep it out of every later GC pass
         try:
             yield
         finally:

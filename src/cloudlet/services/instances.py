@@ -41,6 +41,7 @@ from cloudlet.errors import (
     VMError,
 )
 from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.operations.runner import OperationContext, OperationRunner
 from cloudlet.services.cache import SnapshotCache, cache_key
@@ -49,6 +50,8 @@ from cloudlet.services.models import check_service_id
 from cloudlet.services.overlays import OverlayStore
 from cloudlet.services.probe import first_answer
 from cloudlet.services.registry import ServiceRegistry
+from cloudlet.services.standby import cont as standby_cont
+from cloudlet.services.standby import launch_paused
 
 log = logging.getLogger("cloudlet.instances")
 
@@ -129,11 +132,12 @@ class InstanceManager:
         # Called with (start_kind, timings, overlay_bytes) after each successful boot (metrics).
         self.on_started: list[Callable[[str, dict[str, float], int], None]] = []
         self._reaper: asyncio.Task[None] | None = None
-        # Standby VMs: a suspended copy of a service's cached snapshot, made ahead of time so
-        # that a cached start only resumes (copying a 128 MB RAM file alone takes ~0.25 s).
+        # Standby VMs: a service's cached snapshot copied and resumed ahead of time up to the
+        # last step (see standby.py), so that a cached start only sends ``cont``.
         self.keep_spares = keep_spares
         self._spares: dict[tuple[str, str], str] = {}
         self._spare_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._spare_mons: dict[str, Monitor] = {}  # their open QMP sessions
         registry.on_change.append(self.forget_service)
 
     # -- queries -------------------------------------------------------------------------
@@ -341,8 +345,8 @@ class InstanceManager:
         with self.catalog.session() as s:
             self._row(s, iid).vm_id = vm.id
         try:
-            if vm.state is VMState.SUSPENDED:
-                kind = "cached"  # a standby copy of the cached snapshot: resume it as is
+            if vm.state in (VMState.SUSPENDED, VMState.PAUSED):
+                kind = "cached"  # a standby VM: the cached snapshot, resumed ahead
             elif hit is not None:
                 ctx.progress(0.1, "copying the cached snapshot")
                 await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
@@ -373,10 +377,13 @@ class InstanceManager:
                     log.warning("could not cache the snapshot of %s: %s", sid, e)
                 kind = "synthesis"
             t_prepared = time.monotonic()
-            if vm.state is not VMState.SUSPENDED:
-                self.vms.mark_suspended(vm)
             ctx.progress(0.9, "resuming")
-            vm = await self.vms.resume(vm.id)
+            if vm.state is VMState.PAUSED:
+                vm = await standby_cont(self.vms, vm.id, self._spare_mons.pop(vm.id, None))
+            else:
+                if vm.state is not VMState.SUSPENDED:
+                    self.vms.mark_suspended(vm)
+                vm = await self.vms.resume(vm.id)
             t_resumed = time.monotonic()
             ctx.progress(0.95, "waiting for the first response")
             t_first = None
@@ -390,6 +397,9 @@ class InstanceManager:
                         hint="see its console with `cloudlet instance logs`",
                     )
         except BaseException as e:
+            spare_mon = self._spare_mons.pop(vm.id, None)
+            if spare_mon is not None:
+                await spare_mon.close()
             await self.vms.discard(vm)
             if hit is not None and not isinstance(e, asyncio.CancelledError):
                 self.cache.drop(sid, key)  # a cache entry that fails to resume is not kept
@@ -435,7 +445,7 @@ class InstanceManager:
             vm = self.vms.get(vm_id)
         except CloudletError:
             return None
-        if vm.state is not VMState.SUSPENDED:
+        if vm.state not in (VMState.SUSPENDED, VMState.PAUSED):
             return None
         vm.name = name
         vm.save()
@@ -454,6 +464,7 @@ class InstanceManager:
         try:
             await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
             self.vms.mark_suspended(vm)
+            _, mon = await launch_paused(self.vms, vm.id)
         except BaseException as e:
             await self.vms.discard(vm)
             if not isinstance(e, asyncio.CancelledError):
@@ -461,6 +472,7 @@ class InstanceManager:
                 return
             raise
         self._spares[(sid, key)] = vm.id
+        self._spare_mons[vm.id] = mon
 
     def forget_service(self, sid: str) -> None:
         """Drop the standby VMs of a service whose overlay or base changed, or that is gone."""
@@ -473,6 +485,9 @@ class InstanceManager:
                 asyncio.get_running_loop().create_task(self._delete_vm(vm_id))
 
     async def _delete_vm(self, vm_id: str) -> None:
+        mon = self._spare_mons.pop(vm_id, None)
+        if mon is not None:
+            await mon.close()
         with contextlib.suppress(CloudletError, OSError):
             await self.vms.delete(vm_id, force=True)
 
@@ -606,8 +621,6 @@ class InstanceManager:
         return {"adopted": adopted, "failed": failed}
 
     async def _vm_answers(self, vm_id: str) -> bool:
-        from cloudlet.hypervisor.qmp import Monitor
-
         try:
             vm = self.vms.get(vm_id)
         except CloudletError:

@@ -1,7 +1,8 @@
 """Instances: start (join), list, info, stop, leave, console log.
 
 ``POST /v1/instances`` answers 200 when it joined a running instance, and 202 with the boot's
-operation when the instance is new or still booting (the user is counted either way).
+operation when the instance is new or still booting (the user is counted either way); with
+``?wait=S`` it waits up to S seconds for that boot and then answers 200 if it is done.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from cloudlet.errors import VMError
 from cloudlet.server.auth import authorize, get_core
 from cloudlet.server.routers._common import InstanceIdParam, accepted
 from cloudlet.services.core import Cloudlet
@@ -29,10 +31,32 @@ async def list_instances(
 
 
 @router.post("", responses={202: {"description": "booting: follow the operation"}})
-async def start_instance(req: StartRequest, core: Cloudlet = Depends(get_core)) -> JSONResponse:
+async def start_instance(
+    req: StartRequest,
+    wait: float = Query(default=0.0, ge=0.0, le=300.0),
+    core: Cloudlet = Depends(get_core),
+) -> JSONResponse:
+    """Join or start; with ``?wait=S``, answer 200 with the running instance if its boot ends
+    within S seconds (one round trip for a cached start), else 202 as usual."""
     res = await core.instances.start(req.service_id, join=req.join, user=req.user)
-    if res["operation"]:
-        return accepted(res["operation"], **{k: v for k, v in res.items() if k != "operation"})
+    op = res["operation"]
+    if op and wait > 0:
+        try:
+            d = await core.runner.wait(op, wait)
+        except TimeoutError:
+            d = None
+        if d is not None:
+            if d["state"] != "succeeded":
+                err = d.get("error") or {}
+                raise VMError(
+                    f"instance {res['instance']['id']} did not start: "
+                    f"{err.get('message', d['state'])}",
+                    hint=err.get("hint"),
+                )
+            res["instance"] = core.instances.get(res["instance"]["id"])
+            return JSONResponse(res)
+    if op:
+        return accepted(op, **{k: v for k, v in res.items() if k != "operation"})
     return JSONResponse(res)
 
 
