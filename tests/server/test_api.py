@@ -305,3 +305,26 @@ def test_migrations_create_exactly_the_models_tables(tmp_path: Path) -> None:
     with engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     engine.dispose()
+
+
+def test_bases_images_and_what_uses_them(srv_home: Paths, make_api: Any) -> None:
+    a = make_api(srv_home)
+    (b,) = a.get("/v1/bases").json()
+    assert b["name"] == "tiny" and len(b["base_id"]) == 64
+    assert a.post("/v1/services", json=_svc()).status_code == 201
+    d = a.get("/v1/bases/tiny").json()
+    assert d["used_by"] == {"vms": [], "services": ["org.example.face"]}
+    r = a.request("DELETE", "/v1/bases/tiny")
+    assert r.status_code == 409 and "org.example.face" in r.json()["message"]
+    r = a.post("/v1/bases", json={"image": "tiny", "name": "tiny"})
+    assert r.status_code == 409  # exists already
+    assert any(i["name"] == "tiny" for i in a.get("/v1/images").json())
+    # An image upload that is not a disk fails its operation and leaves no image behind.
+    r = a.post("/v1/images/junk/import?port=80", content=b"not a disk" * 1000)
+    assert r.status_code == 202
+    op = a.wait(r.json()["operation"])
+    assert op["state"] == "failed" and op["error"]["message"]
+    assert a.get("/v1/images/junk").status_code == 404
+    assert list((srv_home.tmp / "uploads").iterdir()) == []
+    r = a.post("/v1/instances", json={"service_id": "org.example.face"})
+    assert r.status_code == 409 and "no overlay" in r.json()["message"]

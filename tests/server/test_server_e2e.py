@@ -250,3 +250,48 @@ def test_missing_overlay_file_is_409_and_packages_round_trip(
         (srv_home.home / "overlays" / f"{o['id']}.overlay").unlink()
         r = c.post("/v1/instances", json={"service_id": "org.example.gone"})
         assert r.status_code == 409 and "missing" in r.json()["message"]
+
+
+def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
+    server.start()  # with the bootstrap (base VM tiny is already here: that step is skipped)
+    with server.client() as c:
+        (op,) = [o for o in c.get("/v1/operations").json() if o["kind"] == "bootstrap"]
+        done = wait_op(c, op["id"])
+        assert done["state"] == "succeeded", done
+        assert done["result"]["created"] == ["service"]
+        svc = c.get("/v1/services/org.cloudlet.sample").json()
+        assert svc["base"] == "tiny" and svc["guest_ports"] == [80]
+        d = start(c, "org.cloudlet.sample")
+        assert "Hello from a cloudlet" in page(d["instance"], "/hello.html")
+        assert "hello from org.cloudlet.sample" in page(d["instance"], "/cgi-bin/hello")
+        c.post(f"/v1/instances/{d['instance']['id']}/stop")
+    server.stop()
+    server.start()
+    with server.client() as c:  # a second start does nothing
+        kinds = [o["kind"] for o in c.get("/v1/operations").json()]
+        assert kinds.count("bootstrap") == 1
+
+
+def test_cli_tokens_against_a_running_server(server: Server, srv_home: Paths) -> None:
+    server.start("--no-bootstrap")
+    env = dict(os.environ, CLOUDLET_HOME=str(srv_home.home), CLOUDLET_URL=server.url)
+    env.pop("CLOUDLET_TOKEN", None)
+    # Through the server with the admin token the server left for the local CLI.
+    made = cli("token", "create", "--role", "device", "--name", "phone", "--json", env=env)
+    assert made.returncode == 0, made.stderr
+    dev = json.loads(made.stdout)
+    assert dev["role"] == "device" and len(dev["token"]) >= 40
+    denv = env | {"CLOUDLET_TOKEN": dev["token"]}
+    assert cli("service", "list", "--json", env=denv).returncode == 0
+    r = cli("service", "create", "org.example.x", "--base", "tiny", "--json", env=denv)
+    assert r.returncode == 9 and "device token may not" in r.stderr
+    bad = cli("service", "list", env=env | {"CLOUDLET_TOKEN": "wrong"})
+    assert bad.returncode == 9 and "unknown, revoked or expired" in bad.stderr
+    listed = json.loads(cli("token", "list", "--json", env=env).stdout)
+    assert {t["role"] for t in listed} == {"admin", "device"}
+    assert all("token" not in t for t in listed)
+    # Without --server/CLOUDLET_URL the same command works on the data dir directly.
+    local_env = {k: v for k, v in env.items() if k != "CLOUDLET_URL"}
+    rv = cli("token", "revoke", dev["id"], "--json", env=local_env)
+    assert rv.returncode == 0 and json.loads(rv.stdout)["revoked"] is True
+    wait_until(lambda: cli("service", "list", env=denv).returncode == 9, timeout=15)

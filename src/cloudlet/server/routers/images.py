@@ -1,14 +1,18 @@
-"""Images: list, info, delete (``/v1/images``)."""
+"""Images: list, info, import (a disk uploaded as the request body), delete."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
 
 from cloudlet.errors import ConflictError
+from cloudlet.operations.runner import OperationContext
 from cloudlet.server.auth import authorize, get_core
-from cloudlet.server.routers._common import NameParam
+from cloudlet.server.routers._common import NameParam, accepted, save_upload
 from cloudlet.services.core import Cloudlet
 
 router = APIRouter(prefix="/v1/images", tags=["images"], dependencies=[Depends(authorize)])
@@ -43,3 +47,33 @@ async def delete_image(name: NameParam, core: Cloudlet = Depends(get_core)) -> d
         raise ConflictError(f"image {name!r} is used by VM(s) {', '.join(users)}")
     store.delete(name)
     return {"name": name, "deleted": True}
+
+
+@router.post("/{name}/import", status_code=202)
+async def import_image(
+    name: NameParam,
+    request: Request,
+    port: list[int] = Query(default=[]),
+    core: Cloudlet = Depends(get_core),
+) -> JSONResponse:
+    """Upload a bootable disk (qcow2 without backing file, or raw) as image ``name``; it is
+    checked in an operation, and copied into the store only if it passes."""
+    from cloudlet.images.store import ImageStore, check_ports
+
+    store = ImageStore(core.paths)
+    check_ports(port)
+    if store.exists(name):
+        raise ConflictError(f"an image named {name!r} already exists")
+    tmp = await save_upload(core, request, "image")
+
+    async def body(ctx: OperationContext) -> dict[str, Any]:
+        ctx.add_temp(tmp)
+        try:
+            ctx.progress(0.1, "checking the disk")
+            img = await asyncio.to_thread(store.import_image, tmp, name, ports=port)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return {"image": _image(img)}
+
+    return accepted(core.runner.submit("image.import", body, target=f"images/{name}"))
