@@ -6,7 +6,9 @@ service bootstrapped) and measures it from separate load processes:
 
 1. ``GET /v1/services`` throughput with ``wrk`` (Debian's; falls back to this script's own
    asyncio load client if ``wrk`` is missing), 32 connections. Ceiling, same run, same load
-   tool: a bare Starlette app answering one static JSON route under the same uvicorn.
+   tool: a bare Starlette app answering one static JSON route under the same uvicorn. The
+   same bare app, with a static POST route, gives the paced join run's floor: the latency
+   that the machine and the load client alone add.
 2. ``POST /v1/instances`` that joins a running instance, 50 concurrent clients (this script's
    asyncio client: raw keep-alive HTTP/1.1, one process), p50/p99 latency: paced (each client
    joins ``--join-rate`` times a second, latency from when the request was due), and closed
@@ -206,8 +208,12 @@ import uvicorn, sys
 DATA = {data}
 async def h(request):
     return JSONResponse(DATA)
-app = Starlette(routes=[Route("/v1/services", h)])
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+async def join(request):
+    await request.body()
+    return JSONResponse({{"joined": True}})
+app = Starlette(routes=[Route("/v1/services", h), Route("/v1/instances", join, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False,
+            loop="asyncio")
 """
 
 
@@ -361,11 +367,13 @@ def main() -> None:
         result["listing_ceiling_bare_starlette"] = listing_load(
             bare_port, "/v1/services", token, args.duration
         )
+        bare.send_signal(signal.SIGSTOP)  # out of the way of the start timings
 
         # 3. (before 2, on a quiet server) first and cached starts to the first answer
         print("first and cached starts...", file=sys.stderr)
         result["start"] = asyncio.run(starts(url, token, args.cached_runs))
 
+        bare.send_signal(signal.SIGCONT)
         # 2. join latency: one running instance, 50 clients joining it again and again
         print("join latency at 50 clients...", file=sys.stderr)
         httpx.patch(f"{url}/v1/services/{SAMPLE}", headers=h, json={"max_users": 100})
@@ -386,6 +394,17 @@ def main() -> None:
             d=args.duration,
             rate=args.join_rate,
         ) | {"tool": "asyncio-client", "concurrency": 50, "rate_per_client": args.join_rate}
+        # The same paced load on the bare app: what this machine's scheduling noise alone costs.
+        result["join_floor_bare_starlette"] = run_load(
+            bare_port,
+            "/v1/instances",
+            token,
+            method="POST",
+            body=body,
+            c=50,
+            d=args.duration,
+            rate=args.join_rate,
+        )
         result["join_closed_loop"] = run_load(
             port, "/v1/instances", token, method="POST", body=body, c=50, d=args.duration
         ) | {"tool": "asyncio-client", "concurrency": 50}
