@@ -58,7 +58,7 @@ async def bench_size(mgr: VMManager, src: BootSource, mib: int, runs: int, dirty
     dirty_mib = int(mib * dirty)
     r = await mgr.exec(
         vm.id,
-        f"mkdir -p /run/fill && head -c {dirty_mib}M /dev/urandom > /run/fill/data && echo ok",
+        f"mkdir -p /run/fill && head -c {dirty_mib * 1048576} /dev/urandom > /run/fill/data && echo ok",
         timeout=600,
     )
     assert r.exit_code == 0, r.stderr
@@ -97,7 +97,7 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--dirty-fraction", type=float, default=0.25)
-    ap.add_argument("--home", default=os.environ.get("CLOUDLET_HOME", ".cache/bench-home"))
+    ap.add_argument("--home", default=os.environ.get("CLOUDLET_HOME", ".cache/restore-home"))
     a = ap.parse_args()
     p = paths(a.home)
     store = ImageStore(p)
