@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,6 +127,15 @@ def test_service_lifecycle_join_restart_and_idle_stop(
             timeout=20,
         )
         assert c.get("/v1/instances").json() == []
+        # A QEMU that dies behind the server's back: its instance ends failed, and says why.
+        d = start(c, "org.example.web", user="dave")
+        vm = c.get(f"/v1/vms/{d['instance']['vm_id']}").json()
+        os.kill(vm["pid"], signal.SIGKILL)
+        wait_until(
+            lambda: c.get(f"/v1/instances/{d['instance']['id']}").json()["state"] == "failed",
+            timeout=20,
+        )
+        assert "crashed" in c.get(f"/v1/instances/{d['instance']['id']}").json()["error"]
         metrics = c.get("/metrics").text
         assert 'cloudlet_instances{state="stopped"} 2.0' in metrics
         assert 'route="/v1/instances/{iid}/leave",status="200"' in metrics

@@ -535,10 +535,9 @@ class InstanceManager:
             return instance_dict(r, self._users(s, iid))
 
     # -- background ----------------------------------------------------------------------
-    async def reap_once(self) -> list[str]:
-        """Stop instances idle (no users) past the timeout; mark dead VMs' instances failed."""
-        stopped = []
-        t = now()
+    async def refresh(self) -> list[str]:
+        """Mark failed the running instances whose VM is gone or crashed; returns their ids."""
+        failed = []
         for d in self.list():
             if d["state"] != RUNNING:
                 continue
@@ -548,9 +547,19 @@ class InstanceManager:
                     alive = self.vms.get(d["vm_id"]).state is VMState.RUNNING
             if not alive:
                 self._fail(d["id"], "its VM stopped or crashed")
+                failed.append(d["id"])
                 if d["vm_id"]:
                     with contextlib.suppress(CloudletError):
                         await self.vms.delete(d["vm_id"], force=True)
+        return failed
+
+    async def reap_once(self) -> list[str]:
+        """Stop instances idle (no users) past the timeout; mark dead VMs' instances failed."""
+        stopped = []
+        t = now()
+        await self.refresh()
+        for d in self.list():
+            if d["state"] != RUNNING:
                 continue
             if d["users"] == 0 and t - d["last_active"] > self.idle_timeout:
                 log.info("stopping idle instance %s of %s", d["id"], d["service_id"])

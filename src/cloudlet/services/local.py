@@ -104,11 +104,20 @@ class LocalCloudlet:
         return self._run(lambda c: c.overlays.delete(oid))
 
     # -- instances -------------------------------------------------------------------------
+    # Without a server no reaper runs: check the VMs of running instances before showing them.
     def list_instances(self, service: str | None = None, all: bool = False) -> Any:
-        return self._run(lambda c: c.instances.list(service=service, all=all))
+        async def go(c: Cloudlet) -> Any:
+            await c.instances.refresh()
+            return c.instances.list(service=service, all=all)
+
+        return self._run(go)
 
     def get_instance(self, iid: str) -> dict[str, Any]:
-        return self._run(lambda c: c.instances.get(iid))
+        async def go(c: Cloudlet) -> dict[str, Any]:
+            await c.instances.refresh()
+            return c.instances.get(iid)
+
+        return self._run(go)
 
     def start_instance(
         self, sid: str, join: bool = True, user: str | None = None
