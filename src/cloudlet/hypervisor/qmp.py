@@ -78,6 +78,16 @@ class Monitor:
         except ExecuteError as e:
             raise QmpCommandError(command, e.error_class, e.error.error.desc, e.received) from e
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS + ``getfd``).
+
+        Migrating to or from ``fd:NAME`` avoids spawning ``sh -c cat`` for every snapshot.
+        """
+        with contextlib.suppress(QmpCommandError):
+            await self.execute("closefd", {"fdname": name})  # a stale one from an earlier try
+        self._client.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
     @contextlib.asynccontextmanager
     async def events(self, names: Iterable[str]) -> AsyncIterator[EventListener]:
         """Listen for the named events for the duration of the block (no polling)."""

@@ -605,8 +605,7 @@ class VMManager:
     async def _launch(self, vm: VM, *, incoming: bool) -> None:
         """Start QEMU (daemonized); retry with new ports if an auto-picked one was taken."""
         for attempt in range(3):
-            vm.forwards = portlib.resolve(vm.forwards)
-            vm.save()
+            vm.forwards = portlib.resolve(vm.forwards)  # saved with the pid below
             cmd = build_command(vm, incoming=incoming)
             log.debug("launching %s", shlex.join(cmd))
             proc = await asyncio.create_subprocess_exec(
@@ -758,8 +757,13 @@ class VMManager:
             {"capability": "events", "state": True},
         ]
         await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await mon.pass_fd(fd, "devstate")
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
         async with mon.events(["MIGRATION"]) as ev:
-            await mon.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(part))}"})
+            await mon.execute("migrate", {"uri": "fd:devstate"})
             while True:
                 e = await asyncio.wait_for(ev.get(), 120)
                 status = e["data"]["status"]
@@ -875,8 +879,13 @@ class VMManager:
             {"capability": "events", "state": True},
         ]
         await mon.execute("migrate-set-capabilities", {"capabilities": caps})
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            await mon.pass_fd(fd, "devstate")
+        finally:
+            os.close(fd)
         async with mon.events(["MIGRATION"]) as ev:
-            await mon.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(src))}"})
+            await mon.execute("migrate-incoming", {"uri": "fd:devstate"})
             while True:
                 e = await asyncio.wait_for(ev.get(), 120)
                 status = e["data"]["status"]
