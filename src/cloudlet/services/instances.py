@@ -19,6 +19,7 @@ server made (named ``inst-*``) that no adopted instance owns.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -434,7 +435,7 @@ class InstanceManager:
         return {"instance": d}
 
     # -- standby VMs -------------------------------------------------------------------
-    def _forwards(self, bases: Any, base: Any, svc: dict[str, Any]) -> list[PortForward]:
+    def _forwards(self, bases: Any, base: Any, svc: dict[str, Any]) -> builtins.list[PortForward]:
         wanted = [PortForward(p, 0, auto=True) for p in svc["guest_ports"]]
         fwd: list[PortForward] = bases.forwards_for(base.boot_source(), wanted)
         return fwd
@@ -460,7 +461,9 @@ class InstanceManager:
         self._spare_tasks[(sid, key)] = task
         task.add_done_callback(lambda _t: self._spare_tasks.pop((sid, key), None))
 
-    async def _make_spare(self, sid: str, key: str, base: Any, fwd: list[PortForward]) -> None:
+    async def _make_spare(
+        self, sid: str, key: str, base: Any, fwd: builtins.list[PortForward]
+    ) -> None:
         name = f"{VM_PREFIX}spare-{secrets.token_hex(4)}"
         vm = self.vms.new_vm(base.boot_source(), base.hardware, forwards=fwd, name=name)
         try:
@@ -535,7 +538,7 @@ class InstanceManager:
             return instance_dict(r, self._users(s, iid))
 
     # -- background ----------------------------------------------------------------------
-    async def refresh(self) -> list[str]:
+    async def refresh(self) -> builtins.list[str]:
         """Mark failed the running instances whose VM is gone or crashed; returns their ids."""
         failed = []
         for d in self.list():
@@ -553,7 +556,7 @@ class InstanceManager:
                         await self.vms.delete(d["vm_id"], force=True)
         return failed
 
-    async def reap_once(self) -> list[str]:
+    async def reap_once(self) -> builtins.list[str]:
         """Stop instances idle (no users) past the timeout; mark dead VMs' instances failed."""
         stopped = []
         t = now()
@@ -599,7 +602,7 @@ class InstanceManager:
             r.state, r.error, r.stopped_at = FAILED, why, now()
             s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
 
-    async def recover(self) -> dict[str, list[str]]:
+    async def recover(self) -> dict[str, builtins.list[str]]:
         """At server start: re-adopt live instances, fail and clean the rest (see module doc)."""
         adopted: list[str] = []
         failed: list[str] = []

@@ -10,6 +10,7 @@ and leaves no file: a killed overlay can never be used by a service.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import os
@@ -132,7 +133,7 @@ class OverlayStore:
             raise ConflictError(f"overlay {oid}'s file is missing from the data dir")
         return p
 
-    def users(self, oid: str) -> list[str]:
+    def users(self, oid: str) -> builtins.list[str]:
         with self.catalog.session() as s:
             q = select(ServiceRow.service_id).where(ServiceRow.overlay_id == oid)
             return list(s.scalars(q))
@@ -250,7 +251,7 @@ class OverlayStore:
             r.updated = now()
             return overlay_dict(r)
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """Uploads cut by a server kill end ``killed``; their temp files are removed."""
         killed = []
         with self.catalog.session() as s:

@@ -8,6 +8,7 @@ cloudlets as that one file, verified on arrival like any upload.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -111,7 +112,7 @@ class ServiceRegistry:
         self._view = (key, rows)
         return rows
 
-    def _list(self) -> list[dict[str, Any]]:
+    def _list(self) -> builtins.list[dict[str, Any]]:
         with self.catalog.session() as s:
             counts = self._counts(s)
             rows = s.scalars(select(ServiceRow).order_by(ServiceRow.service_id))
@@ -237,7 +238,7 @@ class ServiceRegistry:
             shutil.rmtree(trash, ignore_errors=True)
             bump_cache_generation()
 
-    def bases_in_use(self, base: str) -> list[str]:
+    def bases_in_use(self, base: str) -> builtins.list[str]:
         with self.catalog.session() as s:
             return list(s.scalars(select(ServiceRow.service_id).where(ServiceRow.base == base)))
 
