@@ -53,6 +53,7 @@ from cloudlet.hypervisor.errors import (
 )
 from cloudlet.hypervisor.hardware import Hardware
 from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.probe import first_answer
 from cloudlet.hypervisor.qemu import default_machine, find_tool, qemu_binary, qemu_version
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
@@ -539,7 +540,7 @@ class VMManager:
             raise NotFoundError(f"the disk {src.disk} of {src.kind} {src.name!r} is missing")
         if src.kernel is not None and not src.kernel.exists():
             raise NotFoundError(f"the kernel {src.kernel} of {src.kind} {src.name!r} is missing")
-        hw = hardware or self.hardware_for(src, memory_mib, cpus)
+        hw = hardware or await asyncio.to_thread(self.hardware_for, src, memory_mib, cpus)
         vm = self.new_vm(src, hw, forwards=forwards, name=name)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -663,7 +664,9 @@ class VMManager:
                     pass
             elif not vm.forwards:
                 return  # no marker and no port to wait for: running is ready
-            elif await _port_answers(vm.forwards[0]):
+            elif await first_answer(
+                vm.forwards[0].host_addr, vm.forwards[0].host, vm.forwards[0].guest, 0.5
+            ):
                 return
             if not vm.process_alive():
                 raise GuestNotReadyError(
@@ -816,18 +819,39 @@ class VMManager:
         run (QEMU version, accelerator); otherwise nothing is started and the VM stays
         suspended. Host ports are re-used when free (auto-picked ones are re-picked).
         """
+        vm, mon = await self.resume_paused(vm_id, forwards=forwards)
+        vm = await self.cont(vm.id, mon)
+        if wait_port and vm.forwards:
+            f = vm.forwards[0]
+            if await first_answer(f.host_addr, f.host, f.guest, 10) is None:
+                raise GuestNotReadyError(
+                    f"VM {vm.id}: port {f.host} did not answer", console_tail=[]
+                )
+        return vm
+
+    async def resume_paused(
+        self, vm_id: str, *, forwards: list[PortForward] | None = None
+    ) -> tuple[VM, Monitor]:
+        """Do all of a resume but the last step: QEMU runs, state loaded, vCPUs stopped.
+
+        The VM is then ``paused`` and :meth:`cont` starts it in a few milliseconds (standby
+        VMs for cached starts). Returns the open QMP session for :meth:`cont` to reuse. On any
+        failure nothing is left running and the VM stays ``suspended``.
+        """
         vm = self.get(vm_id)
         with self.locked(vm):
             self._require(vm, VMState.SUSPENDED)
-            self._check_snapshot(vm)
+            await asyncio.to_thread(self._check_snapshot, vm)  # may probe the accelerator
             if forwards is not None:
                 vm.forwards = forwards
+            mon: Monitor | None = None
             try:
                 await self._launch(vm, incoming=True)
-                async with await Monitor.connect(vm.qmp_path) as mon:
-                    await self.load_devstate(vm, mon, vm.devstate_path)
-                    await mon.execute("cont")
+                mon = await Monitor.connect(vm.qmp_path)
+                await self.load_devstate(vm, mon, vm.devstate_path)
             except BaseException:
+                if mon is not None:
+                    await mon.close()
                 pid = vm.read_pid()
                 if pid and vm.process_alive(pid):
                     await _kill_and_wait(pid)
@@ -835,14 +859,28 @@ class VMManager:
                 vm.state = VMState.SUSPENDED
                 vm.save()
                 raise
-            vm.state = VMState.RUNNING
+            vm.state = VMState.PAUSED
             vm.snapshot = None
             vm.save()
-            # The snapshot no longer describes the running VM: remove it so it is never
-            # mistaken for a valid one.
+            # The snapshot no longer describes the VM (QEMU holds the state now): remove it
+            # so it is never mistaken for a valid one.
             vm.devstate_path.unlink()
-        if wait_port and vm.forwards:
-            await wait_for_port(vm.forwards[0], 10)
+        return vm, mon
+
+    async def cont(self, vm_id: str, mon: Monitor | None = None) -> VM:
+        """Run the vCPUs of a paused VM (through ``mon`` if given; it is closed after)."""
+        vm = self.get(vm_id)
+        try:
+            with self.locked(vm):
+                self._require(vm, VMState.PAUSED)
+                if mon is None:
+                    mon = await Monitor.connect(vm.qmp_path)
+                await mon.execute("cont")
+                vm.state = VMState.RUNNING
+                vm.save()
+        finally:
+            if mon is not None:
+                await mon.close()
         return vm
 
     def _check_snapshot(self, vm: VM) -> None:
@@ -896,24 +934,3 @@ class VMManager:
                         f"restoring device state of VM {vm.id} failed ({status})",
                         hint="see the last console lines with `cloudlet vm logs`",
                     )
-
-
-async def _port_answers(f: PortForward) -> bool:
-    try:
-        _, w = await asyncio.wait_for(asyncio.open_connection(f.host_addr, f.host), 0.5)
-    except (OSError, TimeoutError):
-        return False
-    w.close()
-    with contextlib.suppress(OSError):
-        await w.wait_closed()
-    return True
-
-
-async def wait_for_port(f: PortForward, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await _port_answers(f):
-        if time.monotonic() > deadline:
-            raise GuestNotReadyError(
-                f"port {f.host} did not answer within {timeout:g} s", console_tail=[]
-            )
-        await asyncio.sleep(0.01)

@@ -21,6 +21,8 @@ from cloudlet.config import Paths
 from cloudlet.errors import CloudletError, ConflictError
 from cloudlet.hypervisor.vm import VMManager
 from cloudlet.operations.runner import OperationRunner
+from cloudlet.services.apps import AppRepository
+from cloudlet.services.devices import DeviceManager
 from cloudlet.services.host import host_info
 from cloudlet.services.instances import InstanceManager
 from cloudlet.services.overlays import DEFAULT_MAX_UPLOAD, OverlayStore
@@ -39,6 +41,13 @@ class Settings:
     public_info: bool = False
     bootstrap: bool = True
     keep_spares: bool = False  # standby VMs for cached starts (the server turns this on)
+    # Mobile side (docs/mobile-api.md): the KD-Cloudlet compatible API under /api, where VM
+    # host ports bind (so that its clients can reach them), and the zeroconf advertisement.
+    kd_api: str = "open"  # off | open | encrypted
+    vm_bind: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where the API listens (advertised)
+    port: int = 9999
+    advertise: bool = False
 
 
 class Cloudlet:
@@ -58,7 +67,10 @@ class Cloudlet:
             self.runner,
             idle_timeout=self.settings.idle_timeout,
             keep_spares=self.settings.keep_spares,
+            vm_bind=self.settings.vm_bind,
         )
+        self.apps = AppRepository(self.catalog, paths, max_upload=self.settings.max_upload)
+        self.devices = DeviceManager(self.catalog, self.tokens)
         self.vms = VMManager(paths)
         self._lock_fd: int | None = None
         self.bootstrap_op: str | None = None

@@ -42,6 +42,7 @@ from cloudlet.errors import (
     VMError,
 )
 from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.probe import first_answer
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.operations.runner import OperationContext, OperationRunner
@@ -49,10 +50,7 @@ from cloudlet.services.cache import SnapshotCache, cache_key
 from cloudlet.services.host import mem_available_mib
 from cloudlet.services.models import check_service_id
 from cloudlet.services.overlays import OverlayStore
-from cloudlet.services.probe import first_answer
 from cloudlet.services.registry import ServiceRegistry
-from cloudlet.services.standby import cont as standby_cont
-from cloudlet.services.standby import launch_paused
 
 log = logging.getLogger("cloudlet.instances")
 
@@ -120,6 +118,7 @@ class InstanceManager:
         *,
         idle_timeout: float = 600.0,
         keep_spares: bool = False,
+        vm_bind: str = "127.0.0.1",
     ) -> None:
         self.catalog = catalog
         self.paths = paths
@@ -127,6 +126,8 @@ class InstanceManager:
         self.overlays = overlays
         self.runner = runner
         self.idle_timeout = idle_timeout
+        # Where instances' host ports bind: loopback, or an address mobile clients can reach.
+        self.vm_bind = vm_bind
         self.vms = VMManager(paths)
         self.cache = SnapshotCache(paths)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -134,7 +135,7 @@ class InstanceManager:
         self.on_started: list[Callable[[str, dict[str, float], int], None]] = []
         self._reaper: asyncio.Task[None] | None = None
         # Standby VMs: a service's cached snapshot copied and resumed ahead of time up to the
-        # last step (see standby.py), so that a cached start only sends ``cont``.
+        # last step (VMManager.resume_paused), so that a cached start only sends ``cont``.
         self.keep_spares = keep_spares
         self._spares: dict[tuple[str, str], str] = {}
         self._spare_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -382,7 +383,7 @@ class InstanceManager:
             t_prepared = time.monotonic()
             ctx.progress(0.9, "resuming")
             if vm.state is VMState.PAUSED:
-                vm = await standby_cont(self.vms, vm.id, self._spare_mons.pop(vm.id, None))
+                vm = await self.vms.cont(vm.id, self._spare_mons.pop(vm.id, None))
             else:
                 if vm.state is not VMState.SUSPENDED:
                     self.vms.mark_suspended(vm)
@@ -436,9 +437,9 @@ class InstanceManager:
 
     # -- standby VMs -------------------------------------------------------------------
     def _forwards(self, bases: Any, base: Any, svc: dict[str, Any]) -> builtins.list[PortForward]:
-        wanted = [PortForward(p, 0, auto=True) for p in svc["guest_ports"]]
+        wanted = [PortForward(p, 0, self.vm_bind, auto=True) for p in svc["guest_ports"]]
         fwd: list[PortForward] = bases.forwards_for(base.boot_source(), wanted)
-        return fwd
+        return [PortForward(f.guest, f.host, self.vm_bind, f.auto) for f in fwd]
 
     def _take_spare(self, sid: str, key: str, name: str) -> VM | None:
         vm_id = self._spares.pop((sid, key), None)
@@ -469,7 +470,7 @@ class InstanceManager:
         try:
             await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
             self.vms.mark_suspended(vm)
-            _, mon = await launch_paused(self.vms, vm.id)
+            _, mon = await self.vms.resume_paused(vm.id)
         except BaseException as e:
             await self.vms.discard(vm)
             if not isinstance(e, asyncio.CancelledError):

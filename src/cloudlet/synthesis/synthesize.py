@@ -22,6 +22,7 @@ import httpx
 from cloudlet.config import Paths
 from cloudlet.errors import CloudletError, InvalidInputError, NotFoundError
 from cloudlet.hypervisor.ports import PortForward
+from cloudlet.hypervisor.probe import first_answer
 from cloudlet.hypervisor.vm import VM, VMManager
 from cloudlet.overlay.apply import apply_overlay
 from cloudlet.synthesis.base import BaseStore
@@ -195,16 +196,4 @@ async def first_response(vm: VM, timeout: float) -> float | None:
     if not vm.forwards:
         return None
     f = vm.forwards[0]
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            try:
-                if f.guest in (80, 8080):
-                    await client.get(f"http://{f.host_addr}:{f.host}/")
-                else:
-                    _, w = await asyncio.open_connection(f.host_addr, f.host)
-                    w.close()
-                return time.monotonic()
-            except (httpx.HTTPError, OSError):
-                await asyncio.sleep(0.005)
-    return None
+    return await first_answer(f.host_addr, f.host, f.guest, timeout)
