@@ -29,7 +29,6 @@ from cloudlet.hypervisor.vm import VM, VMManager
 from cloudlet.overlay.apply import RecordApplier
 from cloudlet.overlay.format import MAX_DEVSTATE, PAGE, RecordLimits
 from cloudlet.synthesis.base import BaseStore, BaseVM
-from cloudlet.util.names import check_name
 
 log = logging.getLogger("cloudlet.handoff")
 
@@ -59,8 +58,11 @@ class Session:
 class HandoffDestination:
     """Incoming handoff sessions of one cloudlet (one instance per server process)."""
 
-    def __init__(self, paths: Paths, *, idle_timeout: float = 30.0) -> None:
+    def __init__(
+        self, paths: Paths, *, idle_timeout: float = 30.0, vm_bind: str = "127.0.0.1"
+    ) -> None:
         self.paths = paths
+        self.vm_bind = vm_bind  # where the moved VM's host ports listen
         self.vms = VMManager(paths)
         self.bases = BaseStore(paths)
         self.idle_timeout = idle_timeout
@@ -89,15 +91,14 @@ class HandoffDestination:
                 "preparing the destination",
                 f"the VM's hardware differs from this cloudlet's base VM: {sorted(diff)}",
             )
-        name = req.get("name")
-        if name is not None:
-            check_name(str(name), "VM name")
+        # Named like the server's own instance VMs, so a restart mid-session cleans it up.
+        name = f"inst-in-{secrets.token_hex(4)}"
         ports = [int(p) for p in req.get("guest_ports", [])]
         src = base.boot_source()
         vm = self.vms.new_vm(
             src,
             base.hardware,
-            forwards=[PortForward(p, 0, auto=True) for p in ports],
+            forwards=[PortForward(p, 0, self.vm_bind, auto=True) for p in ports],
             name=name,
         )
         try:

@@ -23,6 +23,7 @@ from cloudlet.hypervisor.vm import VMManager
 from cloudlet.operations.runner import OperationRunner
 from cloudlet.services.apps import AppRepository
 from cloudlet.services.devices import DeviceManager
+from cloudlet.services.handoff import HandoffManager
 from cloudlet.services.host import host_info
 from cloudlet.services.instances import InstanceManager
 from cloudlet.services.overlays import DEFAULT_MAX_UPLOAD, OverlayStore
@@ -71,6 +72,14 @@ class Cloudlet:
         )
         self.apps = AppRepository(self.catalog, paths, max_upload=self.settings.max_upload)
         self.devices = DeviceManager(self.catalog, self.tokens)
+        self.handoff = HandoffManager(
+            self.catalog,
+            paths,
+            self.instances,
+            self.runner,
+            name=self.settings.name,
+            vm_bind=self.settings.vm_bind,
+        )
         self.vms = VMManager(paths)
         self._lock_fd: int | None = None
         self.bootstrap_op: str | None = None
@@ -83,6 +92,8 @@ class Cloudlet:
             "operations_failed": self.runner.recover(),
             "overlays_killed": self.overlays.recover(),
         }
+        # Before instances.recover: an instance caught mid-handoff is ours again, running.
+        report["handoffs_resumed"] = await self.handoff.recover()
         report |= await self.instances.recover()
         self.instances.start_reaper()
         from cloudlet.services import bootstrap
@@ -109,6 +120,7 @@ class Cloudlet:
 
     async def close(self) -> None:
         """Stop background work. Instances keep running (a restarted server re-adopts them)."""
+        await self.handoff.close()
         await self.instances.close()
         await self.runner.close()
         if self._lock_fd is not None:
