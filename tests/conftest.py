@@ -7,12 +7,14 @@ The tiny image and the .deb cache live in one session home (``CLOUDLET_TEST_CACH
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +97,26 @@ def base_home(home: Paths, tiny_base) -> Paths:  # type: ignore[no-untyped-def]
     """``home`` with the session's base VM ``tiny`` linked in."""
     (home.bases / "tiny").symlink_to(tiny_base.dir)
     return home
+
+
+@pytest.fixture(scope="session")
+def sample_overlay(session_home: Paths, tiny_base: Any, tmp_path_factory: Any) -> Path:
+    from cloudlet.hypervisor.vm import VMManager
+    from cloudlet.synthesis.base import BaseStore
+    from cloudlet.synthesis.capture import capture_overlay
+    from serverlib import MARKER
+
+    out = tmp_path_factory.mktemp("server-overlay") / "sample.overlay"
+
+    async def build() -> None:
+        mgr = VMManager(session_home)
+        vm = await BaseStore(session_home).start_vm("tiny")
+        try:
+            res = await mgr.exec(vm.id, f"echo {MARKER} > /www/marker.html && sync")
+            assert res.exit_code == 0, res.stderr
+            await capture_overlay(session_home, vm.id, out)
+        finally:
+            await mgr.delete(vm.id, force=True)
+
+    asyncio.run(build())
+    return out

@@ -13,12 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +22,7 @@ import pytest
 
 from cloudlet.config import Paths
 from cloudlet.services.core import Settings
-
-MARKER = "served-by-the-server-test-overlay"
+from serverlib import Server
 
 
 @pytest.fixture
@@ -51,28 +44,6 @@ def bare_home(home: Paths, session_home: Paths) -> Paths:
     cache.unlink()
     cache.mkdir()
     return home
-
-
-@pytest.fixture(scope="session")
-def sample_overlay(session_home: Paths, tiny_base: Any, tmp_path_factory: Any) -> Path:
-    from cloudlet.hypervisor.vm import VMManager
-    from cloudlet.synthesis.base import BaseStore
-    from cloudlet.synthesis.capture import capture_overlay
-
-    out = tmp_path_factory.mktemp("server-overlay") / "sample.overlay"
-
-    async def build() -> None:
-        mgr = VMManager(session_home)
-        vm = await BaseStore(session_home).start_vm("tiny")
-        try:
-            res = await mgr.exec(vm.id, f"echo {MARKER} > /www/marker.html && sync")
-            assert res.exit_code == 0, res.stderr
-            await capture_overlay(session_home, vm.id, out)
-        finally:
-            await mgr.delete(vm.id, force=True)
-
-    asyncio.run(build())
-    return out
 
 
 class Api:
@@ -144,63 +115,6 @@ def make_api() -> Iterator[Any]:
 def api(bare_home: Paths, make_api: Any) -> Api:
     a: Api = make_api(bare_home)
     return a
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``cloudlet serve`` as a subprocess with its own data dir."""
-
-    def __init__(self, p: Paths, log: Path) -> None:
-        self.paths = p
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, *args: str) -> Server:
-        env = dict(os.environ, CLOUDLET_HOME=str(self.paths.home))
-        cmd = [sys.executable, "-m", "cloudlet", "serve", "--port", str(self.port), *args]
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise AssertionError(f"server did not come up: {self.log.read_text()[-3000:]}")
-
-    @property
-    def token(self) -> str:
-        return (self.paths.home / "admin-token").read_text().strip()
-
-    def client(self, token: str | None = None) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {token or self.token}"},
-            timeout=60,
-        )
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture

@@ -15,54 +15,9 @@ import pytest
 
 from cloudlet.config import Paths
 from helpers import cli, qemu_pids_mentioning, wait_until
-from server.conftest import MARKER, Server
+from serverlib import MARKER, Server, page, register, start, upload, wait_op
 
 pytestmark = pytest.mark.vm
-
-
-def upload(c: httpx.Client, file: Path, name: str = "app") -> dict[str, Any]:
-    with open(file, "rb") as f:
-        r = c.post(f"/v1/overlays/upload?name={name}", content=f.read())
-    assert r.status_code == 201, r.text
-    d: dict[str, Any] = r.json()
-    assert d["state"] == "active" and d["base_id"]
-    return d
-
-
-def register(c: httpx.Client, overlay: str, sid: str = "org.example.web", **kw: Any) -> None:
-    body = {"service_id": sid, "base": "tiny", "overlay": overlay, "guest_ports": [80]} | kw
-    r = c.post("/v1/services", json=body)
-    assert r.status_code == 201, r.text
-
-
-def start(c: httpx.Client, sid: str, **kw: Any) -> dict[str, Any]:
-    r = c.post("/v1/instances", json={"service_id": sid} | kw)
-    assert r.status_code in (200, 202), r.text
-    d: dict[str, Any] = r.json()
-    if r.status_code == 202:
-        op = wait_op(c, d["operation"])
-        assert op["state"] == "succeeded", op
-    d["instance"] = c.get(f"/v1/instances/{d['instance']['id']}").json()
-    return d
-
-
-def wait_op(c: httpx.Client, op_id: str, timeout: float = 120) -> dict[str, Any]:
-    """Follow the operation's Server-Sent Events to its end."""
-    with c.stream("GET", f"/v1/operations/{op_id}/events", timeout=timeout) as r:
-        assert r.status_code == 200
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event == "end":
-                d: dict[str, Any] = json.loads(line[5:])
-                return d
-    raise AssertionError("the event stream ended without an end event")
-
-
-def page(inst: dict[str, Any], path: str = "/marker.html") -> str:
-    url = inst["endpoints"]["80"]["url"]
-    return httpx.get(url + path, timeout=10).text
 
 
 def test_service_lifecycle_join_restart_and_idle_stop(
