@@ -243,6 +243,16 @@ class Client:
     def stop_instance(self, iid: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/instances/{iid}/stop")
 
+    def handoff_instance(
+        self, iid: str, to: str, token: str, *, downtime_target_s: float = 1.0, max_rounds: int = 8
+    ) -> dict[str, Any]:
+        """Move an instance to the cloudlet at ``to``; returns the operation's result."""
+        body = {"to": to, "token": token, "downtime_target_s": downtime_target_s}
+        res = self.request(
+            "POST", f"/v1/instances/{iid}/handoff", json=body | {"max_rounds": max_rounds}
+        )
+        return self.wait_operation(res["operation"])
+
     def leave_instance(self, iid: str, user: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/instances/{iid}/leave", json={"user": user})
 

@@ -132,6 +132,24 @@ class LocalCloudlet:
     def stop_instance(self, iid: str) -> dict[str, Any]:
         return self._run(lambda c: c.instances.stop(iid))
 
+    def handoff_instance(
+        self, iid: str, to: str, token: str, *, downtime_target_s: float = 1.0, max_rounds: int = 8
+    ) -> dict[str, Any]:
+        from cloudlet.errors import VMError
+        from cloudlet.handoff.source import HandoffOptions
+
+        async def go(c: Cloudlet) -> dict[str, Any]:
+            opts = HandoffOptions(downtime_target_s=downtime_target_s, max_rounds=max_rounds)
+            op = await c.runner.wait(c.handoff.start(iid, to, token, opts)["operation"])
+            if op["state"] != "succeeded":
+                err = op.get("error") or {}
+                raise VMError(
+                    f"handoff {op['state']}: {err.get('message', '')}", hint=err.get("hint")
+                )
+            return dict(op.get("result") or {})
+
+        return self._run(go)
+
     def leave_instance(self, iid: str, user: str) -> dict[str, Any]:
         return self._run(lambda c: c.instances.leave(iid, user))
 
