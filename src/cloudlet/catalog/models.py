@@ -130,3 +130,77 @@ class SettingRow(Base):
 
     key: Mapped[str] = mapped_column(String(63), primary_key=True)
     value: Mapped[Any] = mapped_column(JSON)
+
+
+class AppRow(Base):
+    """A client app in the app repository (``<home>/apps/<id>``), tied to a service id.
+
+    The stored file is named by the id only: the uploaded file name is kept as metadata
+    (a bare, cleaned name) so nothing a client sends picks a path.
+    """
+
+    __tablename__ = "apps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    service_id: Mapped[str] = mapped_column(String(200), index=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    package_name: Mapped[str] = mapped_column(String(255), default="")
+    os_name: Mapped[str] = mapped_column(String(32), default="android")
+    min_os_version: Mapped[str] = mapped_column(String(32), default="")
+    app_version: Mapped[str] = mapped_column(String(64), default="")
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    file_name: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    md5sum: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class DeviceRow(Base):
+    """A paired mobile device: KD-Cloudlet credentials for the encrypted API.
+
+    ``kd_key`` is SHA-256 of the device password (the AES key the protocol needs; the password
+    itself is shown once). ``token_id`` links an optional native ``device`` token.
+    """
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), default="")
+    kd_key: Mapped[str] = mapped_column(String(64))
+    auth_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    auth_start: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float)
+    token_id: Mapped[str | None] = mapped_column(String(16))
+    created: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float | None] = mapped_column(Float)
+
+
+class DeviceServiceRow(Base):
+    """Which device (paired or not: the ``X-Device-ID`` it sent) used which service, last in
+    which instance: who gets the messages about a service."""
+
+    __tablename__ = "device_services"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    service_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    instance_id: Mapped[str | None] = mapped_column(String(16))
+    last_used: Mapped[float] = mapped_column(Float)
+
+
+class DeviceMessageRow(Base):
+    """A message queued for a device about a service; handed out once (``read`` set then)."""
+
+    __tablename__ = "device_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    service_id: Mapped[str] = mapped_column(String(200), index=True)
+    message: Mapped[str] = mapped_column(String(63))
+    text: Mapped[str] = mapped_column(Text, default="")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created: Mapped[float] = mapped_column(Float)
+    read: Mapped[float | None] = mapped_column(Float)

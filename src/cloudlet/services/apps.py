@@ -47,9 +47,7 @@ class AppFields(BaseModel):
     description: Annotated[str, Field(max_length=2000)] | None = None
     package_name: Annotated[str, Field(max_length=255)] | None = None
     os_name: Annotated[str, Field(max_length=32, pattern=r"^[A-Za-z0-9._-]*$")] | None = None
-    min_os_version: Annotated[str, Field(max_length=32, pattern=r"^[0-9A-Za-z._-]*$")] | None = (
-        None
-    )
+    min_os_version: Annotated[str, Field(max_length=32, pattern=r"^[0-9A-Za-z._-]*$")] | None = None
     app_version: Annotated[str, Field(max_length=64)] | None = None
     tags: Annotated[list[Tag], Field(max_length=32)] | None = None
 

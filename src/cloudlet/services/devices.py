@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import contextlib
 import hashlib
 import os
 import re
@@ -177,7 +178,9 @@ class DeviceManager:
                 )
         token = None
         if native_token and self.tokens is not None:
-            token = self.tokens.create("device", name=re.sub(r"[^A-Za-z0-9._-]", "-", device_id)[:63])
+            token = self.tokens.create(
+                "device", name=re.sub(r"[^A-Za-z0-9._-]", "-", device_id)[:63]
+            )
         row = DeviceRow(
             device_id=device_id,
             name=name,
@@ -214,10 +217,8 @@ class DeviceManager:
             r.auth_enabled, r.updated = False, now()
             token_id, d = r.token_id, _device_dict(r)
         if token_id and self.tokens is not None:
-            try:
+            with contextlib.suppress(NotFoundError):
                 self.tokens.revoke(token_id)
-            except NotFoundError:
-                pass
         return d
 
     def authorize(self, device_id: str, *, duration: float | None = None) -> dict[str, Any]:
