@@ -45,6 +45,24 @@ def serve(
         help="On first start, set up the tiny base VM and the sample service.",
     ),
     log_level: str = typer.Option("info", "--log-level"),
+    kd_api: str = typer.Option(
+        "open",
+        "--kd-api",
+        help="The KD-Cloudlet compatible API under /api: off, open (no credentials, like "
+        "pycloud), or encrypted (paired devices only, via POST /api/command).",
+    ),
+    vm_bind: str = typer.Option(
+        None,
+        "--vm-bind",
+        help="Address the instances' host ports bind to (default: the --host address), so "
+        "that mobile clients can reach the endpoints the /api start reply gives them.",
+    ),
+    advertise: bool = typer.Option(
+        None,
+        "--advertise/--no-advertise",
+        help="Announce this cloudlet over zeroconf (_cloudlet._tcp) on the --host interface "
+        "(default: on unless --host is a loopback address).",
+    ),
 ) -> None:
     """Serve the native API (/v1, docs at /docs, metrics at /metrics) for this data dir."""
     import uvicorn
@@ -54,6 +72,10 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    if kd_api not in ("off", "open", "encrypted"):
+        from cloudlet.errors import InvalidInputError
+
+        raise InvalidInputError(f"--kd-api is off, open or encrypted, not {kd_api!r}")
     p = paths(data_dir)
     settings = Settings(
         idle_timeout=idle_timeout,
@@ -61,6 +83,13 @@ def serve(
         public_info=public_info,
         bootstrap=bootstrap,
         keep_spares=True,
+        kd_api=kd_api,
+        vm_bind=vm_bind or host,
+        host=host,
+        port=port,
+        advertise=(not host.startswith("127.") and host != "localhost")
+        if advertise is None
+        else advertise,
     )
     if name:
         settings.name = name

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudlet import __version__
 from cloudlet.config import Paths
+from cloudlet.discovery import start_advertising
 from cloudlet.errors import CloudletError
 from cloudlet.server.metrics import LatencyMiddleware, Metrics
 from cloudlet.server.routers import (
@@ -29,6 +30,9 @@ from cloudlet.server.routers import (
     images,
     info,
     instances,
+    kd,
+    kd_apps,
+    kd_devices,
     operations,
     overlays,
     services,
@@ -94,10 +98,13 @@ def create_app(
         made = core.tokens.ensure_admin()
         if made is not None and on_admin_token is not None:
             on_admin_token(made)
+        advertiser = await start_advertising(core.settings)  # zeroconf, if asked for
         gc.freeze()  # what startup made lives on: keep it out of every later GC pass
         try:
             yield
         finally:
+            if advertiser is not None:
+                await advertiser.close()
             await core.close()
 
     core = Cloudlet(paths, settings)
@@ -116,6 +123,10 @@ def create_app(
     # The hottest routes first: matching walks the route list in order.
     for r in (instances, services, info, operations, overlays, bases, images, tokens, vms):
         app.include_router(r.router)
+    for r in (kd_apps, kd_devices):  # the mobile side (docs/mobile-api.md)
+        app.include_router(r.router)
+    if core.settings.kd_api != "off":
+        app.include_router(kd.router)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
