@@ -6,7 +6,10 @@ import typer
 
 from cloudlet import __version__
 from cloudlet.cli import (
+    app_cmd,
     base_cmd,
+    device_cmd,
+    discover_cmd,
     image_cmd,
     instance_cmd,
     overlay_cmd,
@@ -35,6 +38,10 @@ serve_cmd.register(app)
 app.add_typer(service_cmd.app, name="service")
 app.add_typer(instance_cmd.app, name="instance")
 app.add_typer(token_cmd.app, name="token")
+app.add_typer(app_cmd.app, name="app")
+app.add_typer(device_cmd.app, name="device")
+app.add_typer(device_cmd.messages, name="message")
+discover_cmd.register(app)
 
 
 @app.command("version")

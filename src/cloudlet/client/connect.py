@@ -36,3 +36,15 @@ def connect(server: str | None) -> Any:
     from cloudlet.services.local import LocalCloudlet
 
     return LocalCloudlet(paths())
+
+
+def connect_mobile(server: str | None) -> Any:
+    """Apps, devices and messages: a server's ``/v1`` for ``server``, else the data dir."""
+    if server:
+        from cloudlet.client.mobile_admin import RemoteMobileAdmin
+
+        api = connect(server)
+        return RemoteMobileAdmin(api)
+    from cloudlet.client.mobile_admin import LocalMobileAdmin
+
+    return LocalMobileAdmin(paths())
