@@ -8,6 +8,7 @@ import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, run_async, table
 from cloudlet.cli.vm_cmd import parse_memory
+from cloudlet.client.connect import ServerOpt, connect
 from cloudlet.config import paths
 from cloudlet.images.store import ImageStore
 from cloudlet.synthesis.base import BaseStore
@@ -46,9 +47,9 @@ def create(
 
 @app.command("list")
 @handle_errors
-def list_(as_json: bool = JsonOpt) -> None:
+def list_(server: str = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List base VMs."""
-    rows = [b.summary() for b in BaseStore(paths()).list()]
+    rows = connect(server).list_bases()
     emit(rows, as_json, lambda r: table(
         [x | {"base_id": x["base_id"][:16]} for x in r],
         ["name", "base_id", "image", "memory_mib", "cpus", "guest_ports"],
@@ -57,11 +58,9 @@ def list_(as_json: bool = JsonOpt) -> None:
 
 @app.command("info")
 @handle_errors
-def info(name: str, as_json: bool = JsonOpt) -> None:
-    """Everything recorded about a base VM, and which VMs use it."""
-    store = BaseStore(paths())
-    b = store.get(name)
-    emit(b.to_dict() | {"dir": str(b.dir), "used_by": store.users(name)}, as_json)
+def info(name: str, server: str = ServerOpt, as_json: bool = JsonOpt) -> None:
+    """Everything recorded about a base VM, and what uses it (VMs, services)."""
+    emit(connect(server).get_base(name), as_json)
 
 
 @app.command("delete")

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, run_async, table
+from cloudlet.client.connect import ServerOpt, connect
 from cloudlet.config import paths
 from cloudlet.errors import InvalidInputError
 from cloudlet.hypervisor.ports import PortForward, parse_forward
@@ -87,9 +88,9 @@ def start(
 
 @app.command("list")
 @handle_errors
-def list_(as_json: bool = JsonOpt) -> None:
+def list_(server: str = ServerOpt, as_json: bool = JsonOpt) -> None:
     """List VMs with their state (a QEMU that died behind our back shows as crashed)."""
-    vms = [v.summary() for v in VMManager(paths()).list()]
+    vms = connect(server).list_vms()
     emit(
         vms,
         as_json,

@@ -159,10 +159,8 @@ class Cloudlet:
         }
 
     def list_bases(self) -> list[dict[str, Any]]:
-        try:
-            from cloudlet.synthesis.base import BaseStore
-        except ImportError:  # synthesis not importable: report no bases rather than fail
-            return []
+        from cloudlet.synthesis.base import BaseStore
+
         return [b.summary() for b in BaseStore(self.paths).list()]
 
     async def wait_bootstrap(self, timeout: float | None = None) -> dict[str, Any] | None:
