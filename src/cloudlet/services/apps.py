@@ -121,7 +121,7 @@ class AppRepository:
         return self.dir / _check_app_id(app_id)
 
     def _row(self, s: Any, app_id: str) -> AppRow:
-        r = s.get(AppRow, _check_app_id(app_id))
+        r: AppRow | None = s.get(AppRow, _check_app_id(app_id))
         if r is None:
             raise NotFoundError(f"no app {app_id!r}", hint="see `cloudlet app list`")
         return r

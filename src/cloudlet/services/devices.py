@@ -143,7 +143,7 @@ class DeviceManager:
 
     # -- devices -------------------------------------------------------------------------
     def _row(self, s: Any, device_id: str) -> DeviceRow:
-        r = s.get(DeviceRow, check_device_id(device_id))
+        r: DeviceRow | None = s.get(DeviceRow, check_device_id(device_id))
         if r is None:
             raise NotFoundError(f"no device {device_id!r}", hint="see `cloudlet device list`")
         return r
