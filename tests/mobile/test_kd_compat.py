@@ -16,7 +16,7 @@ import pytest
 from cloudlet.client.kd import KDClient, KDCredentialsError
 from cloudlet.client.mobile import Endpoint, follow
 from cloudlet.config import Paths
-from helpers import qemu_pids_mentioning, wait_until
+from helpers import cli, qemu_pids_mentioning, wait_until
 from mobile.conftest import aes_decrypt, aes_encrypt, java_command, java_get, loopback
 from serverlib import MARKER, Server, register, upload
 
@@ -64,6 +64,14 @@ def test_open_mode_as_the_java_client_sees_it(
     r = c.post("/v1/apps", content=apk, params=meta)
     assert r.status_code == 201, r.text
     app_id = r.json()["id"]
+    # The CLI gives the same through the server (--server) as on the data dir.
+    env = dict(os.environ, CLOUDLET_HOME=str(srv_home.home))
+    remote = cli("app", "list", "--json", "--server", server.url, env=env)
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(cli("app", "list", "--json", env=env).stdout)
+    made = cli("device", "create", "ph-9", "--minutes", "5", "--json", "--server", server.url,
+               env=env)  # fmt: skip
+    assert made.returncode == 0 and json.loads(made.stdout)["password"]
 
     # Services: the list and one, with exactly pycloud's keys and types.
     d = _ok(_get(server, "/api/services", "phone-a"))
@@ -193,6 +201,9 @@ def test_encrypted_mode_with_an_independent_aes(
     assert json.loads(aes_decrypt(r.body, pw))["services"][0]["service_id"] == SID
     d = json.loads(aes_decrypt(cmd("/system&services=true").body, pw))
     assert d["memory_info"]["max_memory"] > 0 and d["services"][0]["_id"] == SID
+    apk = os.urandom(3000)
+    app_id = c.post("/v1/apps", content=apk, params={"name": "w", "service_id": SID}).json()["id"]
+    assert aes_decrypt(cmd(f"/apps/get&appId={app_id}").body, pw) == apk
 
     # Refusals: nothing starts, and nothing is told but why.
     start = f"/servicevm/start&join=true&serviceId={SID}"
