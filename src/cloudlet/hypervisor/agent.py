@@ -33,6 +33,10 @@ class ExecResult:
         }
 
 
+class AgentTimeout(AgentError):
+    """The guest agent did not answer in time (the connection itself is still up)."""
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode() if data else "-"
 
@@ -48,6 +52,7 @@ class Agent:
         self.socket_path = socket_path
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._synced = False  # a PING was answered on this connection
 
     async def __aenter__(self) -> Agent:
         try:
@@ -82,16 +87,41 @@ class Agent:
         try:
             return await asyncio.wait_for(read_reply(), timeout)
         except TimeoutError:
-            raise AgentError(
+            raise AgentTimeout(
                 f"the guest agent did not answer within {timeout:g} s",
                 hint="is the guest up? see `cloudlet vm logs ID`",
             ) from None
 
     async def ping(self, timeout: float = 5.0) -> None:
-        token = secrets.token_hex(6)
-        await self._request(f"PING {token}", "PONG", token, timeout)
+        """PING until one is answered; afterwards the guest reads this connection.
+
+        The guest agent closes and reopens its port after every host disconnect, and the guest
+        kernel discards what arrived on the port when it is closed: a line sent just after
+        connecting can reach the guest between its EOF (from the previous connection) and its
+        close, and be lost. Losing a PING is harmless, so we resend it (new token; stale PONGs
+        are skipped); once one is answered the guest holds the port open until we disconnect.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        wait = 0.25
+        while True:
+            token = secrets.token_hex(6)
+            left = deadline - loop.time()
+            try:
+                await self._request(f"PING {token}", "PONG", token, max(0.01, min(wait, left)))
+                self._synced = True
+                return
+            except AgentTimeout:
+                if loop.time() >= deadline:
+                    raise AgentTimeout(
+                        f"the guest agent did not answer within {timeout:g} s",
+                        hint="is the guest up? see `cloudlet vm logs ID`",
+                    ) from None
+            wait = min(wait * 2, 2.0)
 
     async def exec(self, command: str, stdin: bytes = b"", timeout: float = 60.0) -> ExecResult:
+        if not self._synced:  # an EXEC must not be lost: it may not be safe to repeat
+            await self.ping(timeout)
         token = secrets.token_hex(6)
         parts = await self._request(
             f"EXEC {token} {_b64(command.encode())} {_b64(stdin)}", "RESULT", token, timeout
