@@ -10,6 +10,7 @@ from cloudlet.cli import (
     base_cmd,
     device_cmd,
     discover_cmd,
+    handoff_cmd,
     image_cmd,
     instance_cmd,
     overlay_cmd,
@@ -42,6 +43,7 @@ app.add_typer(app_cmd.app, name="app")
 app.add_typer(device_cmd.app, name="device")
 app.add_typer(device_cmd.messages, name="message")
 discover_cmd.register(app)
+handoff_cmd.register(app)
 
 
 @app.command("version")

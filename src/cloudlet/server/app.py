@@ -27,6 +27,7 @@ from cloudlet.errors import CloudletError
 from cloudlet.server.metrics import LatencyMiddleware, Metrics
 from cloudlet.server.routers import (
     bases,
+    handoff,
     images,
     info,
     instances,
@@ -121,7 +122,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     # The hottest routes first: matching walks the route list in order.
-    for r in (instances, services, info, operations, overlays, bases, images, tokens, vms):
+    for r in (instances, services, info, operations, overlays, bases, images, tokens, vms, handoff):
         app.include_router(r.router)
     for r in (kd_apps, kd_devices):  # the mobile side (docs/mobile-api.md)
         app.include_router(r.router)
