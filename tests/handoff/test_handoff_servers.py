@@ -70,6 +70,12 @@ def test_instance_moves_between_servers(make_server: Any) -> None:
         inst = d["instance"]
         for _ in range(2):
             _hit(inst)
+        # A KD-Cloudlet client (device) joins the same instance through the compatible API.
+        kd = httpx.get(
+            f"{src.url}/api/servicevm/start?join=true&serviceId={SID}",
+            headers={"X-Device-ID": "dev-1"},
+        )
+        assert kd.status_code == 200 and kd.json()["_id"] == inst["id"], kd.text
         r = c.post(f"/v1/instances/{inst['id']}/handoff", json={"to": dst.url, "token": dst.token})
         assert r.status_code == 202, r.text
         op = wait_op(c, r.json()["operation"])
@@ -82,10 +88,17 @@ def test_instance_moves_between_servers(make_server: Any) -> None:
         assert inst["vm_id"] not in [v["id"] for v in c.get("/v1/vms").json()]
     with dst.client() as c:
         (there,) = c.get("/v1/instances").json()
-        assert there["state"] == "running" and there["user_ids"] == ["alice"]
+        assert there["state"] == "running" and there["user_ids"] == ["alice", "dev-1"]
         assert there["start_kind"] == "handoff"
     # The guest's state went with it: the in-memory counter goes on.
     assert _hit(there)["memory"] == 3
+    # The source's KD-compatible API tells the device where the service went, once.
+    url = f"{src.url}/api/system/get_messages?serviceId={SID}"
+    msgs = httpx.get(url, headers={"X-Device-ID": "dev-1"}).json()["messages"]
+    assert len(msgs) == 1 and msgs[0]["message"] == "move-to-new-cloudlet-network"
+    assert int(msgs[0]["params"]["cloudlet_port"]) == dst.port
+    assert int(msgs[0]["params"]["service_port"]) == there["endpoints"]["80"]["port"]
+    assert httpx.get(url, headers={"X-Device-ID": "dev-1"}).json()["messages"] == []
     assert moved["endpoints"]["80"]["port"] == there["endpoints"]["80"]["port"]
 
 

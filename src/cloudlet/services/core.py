@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from cloudlet import __version__
 from cloudlet.catalog.db import Catalog
@@ -80,9 +81,24 @@ class Cloudlet:
             name=self.settings.name,
             vm_bind=self.settings.vm_bind,
         )
+        self.handoff.on_moved.append(self._tell_devices_moved)
         self.vms = VMManager(paths)
         self._lock_fd: int | None = None
         self.bootstrap_op: str | None = None
+
+    def _tell_devices_moved(self, sid: str, inst: dict[str, Any], users: list[str]) -> None:
+        """After a handoff: a "moved" message for the devices that use the service."""
+        to = urlsplit(inst["endpoints"]["moved_to"]["cloudlet"])
+        ports = [e for k, e in inst["endpoints"].items() if k != "moved_to"]
+        self.devices.queue_moved(
+            sid,
+            cloudlet_name=to.hostname or "",
+            host=to.hostname or "",
+            port=to.port or (443 if to.scheme == "https" else 80),
+            encrypted=self.settings.kd_api == "encrypted",
+            instance_id=inst["endpoints"]["moved_to"].get("instance"),
+            service_port=ports[0]["port"] if ports else None,
+        )
 
     # -- server lifecycle ----------------------------------------------------------------
     async def start_server(self) -> dict[str, Any]:
