@@ -319,6 +319,12 @@ def test_bases_images_and_what_uses_them(srv_home: Paths, make_api: Any) -> None
     r = a.post("/v1/bases", json={"image": "tiny", "name": "tiny"})
     assert r.status_code == 409  # exists already
     assert any(i["name"] == "tiny" for i in a.get("/v1/images").json())
+    # Download: exactly the files an import takes; anything else is refused.
+    img = a.get("/v1/images/tiny").json()
+    r = a.get("/v1/images/tiny/files/kernel")
+    assert r.status_code == 200 and r.content == (Path(img["dir"]) / img["kernel"]).read_bytes()
+    assert a.get("/v1/images/tiny/files/..%2Fimage.json").status_code in (404, 422)
+    assert a.get("/v1/images/tiny/files/manifest").status_code == 422
     # An image upload that is not a disk fails its operation and leaves no image behind.
     r = a.post("/v1/images/junk/import?port=80", content=b"not a disk" * 1000)
     assert r.status_code == 202

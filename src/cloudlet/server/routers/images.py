@@ -1,4 +1,4 @@
-"""Images: list, info, import (a disk uploaded as the request body), delete."""
+"""Images: list, info, import (a disk uploaded as the request body), download, delete."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import contextlib
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse
 
 from cloudlet.errors import ConflictError
 from cloudlet.operations.runner import OperationContext
@@ -34,6 +35,23 @@ async def get_image(name: NameParam, core: Cloudlet = Depends(get_core)) -> dict
     from cloudlet.images.store import ImageStore
 
     return _image(ImageStore(core.paths).get(name))
+
+
+@router.get("/{name}/files/{part}")
+async def download_image_file(
+    name: NameParam,
+    part: str = PathParam(pattern="^(disk|kernel|initrd)$"),
+    core: Cloudlet = Depends(get_core),
+) -> FileResponse:
+    """Download one file of an image (its disk, kernel or initrd): what ``import`` takes."""
+    from cloudlet.errors import NotFoundError
+    from cloudlet.images.store import ImageStore
+
+    img = ImageStore(core.paths).get(name)
+    path = {"disk": img.disk_path, "kernel": img.kernel_path, "initrd": img.initrd_path}[part]
+    if path is None or not path.exists():
+        raise NotFoundError(f"image {name!r} has no {part}")
+    return FileResponse(path, filename=f"{name}-{path.name}", media_type="application/octet-stream")
 
 
 @router.delete("/{name}")
