@@ -56,11 +56,8 @@ async def bench_size(mgr: VMManager, src: BootSource, mib: int, runs: int, dirty
 
     vm = await mgr.start(src, memory_mib=mib)
     dirty_mib = int(mib * dirty)
-    r = await mgr.exec(
-        vm.id,
-        f"mkdir -p /run/fill && head -c {dirty_mib * 1048576} /dev/urandom > /run/fill/data && echo ok",
-        timeout=600,
-    )
+    fill = f"head -c {dirty_mib * 1048576} /dev/urandom > /run/fill/data"
+    r = await mgr.exec(vm.id, f"mkdir -p /run/fill && {fill} && echo ok", timeout=600)
     assert r.exit_code == 0, r.stderr
     resumes, counts = [], []
     ram_data = 0
