@@ -25,6 +25,7 @@ from cloudlet.images.debian import (
     build_debian,
     debian_guest_file,
     debootstrap_key,
+    debootstrap_tree,
     host_mirrors,
 )
 from cloudlet.images.model import READY_MARKER, Image
@@ -66,6 +67,13 @@ def test_guest_script_substitutions_must_apply() -> None:
     assert text.startswith(b"#!/usr/lib/cloudlet/bin/sh\n")
     with pytest.raises(EnvironmentProblem, match="no longer contains"):
         debian_guest_file("agent.sh", [("no such text", "x")])
+
+
+def test_building_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(EnvironmentProblem, match="needs root"):
+        debootstrap_tree(tmp_path / "t", "bookworm", "http://m/debian", [], tmp_path, print)
+    assert not (tmp_path / "t").exists()
 
 
 def test_debootstrap_key_names_the_inputs() -> None:

@@ -230,11 +230,18 @@ def debootstrap_tree(
 ) -> bool:
     """Fill ``tree`` with ``debootstrap --variant=minbase``, from the tar cache if possible.
 
-    Returns True if the cache was used. debootstrap needs root (chroot, device nodes).
+    Returns True if the cache was used. Needs root, for debootstrap (chroot, device nodes)
+    and for unpacking the cache with its owners.
     """
     cached = cache / f"{suite}-{debootstrap_key(suite, mirror, packages)}.tar.zst"
     tar_flags = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls"]
     zstd = _tool("zstd", "zstd")
+    if os.geteuid() != 0:  # also to unpack the cache: the tree's owners must be kept
+        raise EnvironmentProblem(
+            "building the Debian image needs root (debootstrap chroots and makes device "
+            "nodes; the root file system keeps its files' owners)",
+            hint="build it as root (or with sudo)",
+        )
     tree.mkdir(parents=True, exist_ok=True)
     if cached.is_file():
         say(f"unpacking the cached debootstrap tree {cached.name}")
@@ -252,11 +259,6 @@ def debootstrap_tree(
         cached.unlink(missing_ok=True)
         _rmtree(tree)
         tree.mkdir()
-    if os.geteuid() != 0:
-        raise EnvironmentProblem(
-            "debootstrap needs root (it chroots and makes device nodes)",
-            hint="build the Debian image as root (or with sudo)",
-        )
     argv = [_tool("debootstrap", "debootstrap"), f"--variant={VARIANT}", "--arch=amd64"]
     if packages:
         argv.append("--include=" + ",".join(packages))
