@@ -88,7 +88,8 @@ def debian_image(session_home: Paths, deb_cache: Path) -> Image:
     mirror = host_mirrors("bookworm").debian
     cached = list((session_home.cache / "debootstrap").glob("bookworm-*.tar.zst"))
     if not cached and not mirror_reachable(mirror):
-        pytest.skip(f"no cached debootstrap tree and the mirror {mirror} is unreachable")
+        # Never a silent skip: CI installs from this mirror, so it must be reachable here.
+        pytest.fail(f"no cached debootstrap tree and the mirror {mirror} is unreachable")
     return build_debian(session_home, "debian", deb_cache=deb_cache)
 
 
