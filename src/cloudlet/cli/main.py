@@ -22,6 +22,7 @@ from cloudlet.cli import (
     vm_cmd,
 )
 from cloudlet.cli.common import JsonOpt, emit
+from cloudlet.cli.debian_cmd import build_debian_cmd
 
 app = typer.Typer(
     help="cloudlet: service VMs one hop from their users, from compact VM overlays.",
@@ -29,6 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(image_cmd.app, name="image")
+image_cmd.app.command("build-debian")(build_debian_cmd)
 app.add_typer(vm_cmd.app, name="vm")
 app.add_typer(base_cmd.app, name="base")
 app.add_typer(overlay_cmd.app, name="overlay")
