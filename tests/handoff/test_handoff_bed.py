@@ -1,0 +1,181 @@
+"""The handoff bench's own pieces, on loopback only: the delaying relay and the polling client.
+
+The bench's figures are only as good as these: the relay must add its delay in each direction,
+pass every byte intact (half-closes included) and count what it passed; the poller must see a
+service that appears late and record the counter it answers with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from handoff_bed import (
+    Answer,
+    DelayProxy,
+    Poller,
+    downtime,
+    http_get,
+    listening_ports,
+)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def _echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Echo everything; on EOF answer with the SHA-256 of what came, then close."""
+    h = hashlib.sha256()
+    while data := await r.read(65536):
+        h.update(data)
+        if len(data) <= 16:
+            w.write(data)
+            await w.drain()
+    w.write(h.hexdigest().encode())
+    await w.drain()
+    w.close()
+
+
+def test_relay_delays_each_way_counts_and_keeps_bytes_intact() -> None:
+    async def main() -> None:
+        target = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        tport = target.sockets[0].getsockname()[1]
+        lport = free_port()
+        proxy = DelayProxy("127.0.0.1", {lport: ("127.0.0.1", tport)}, delay=0.05)
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", lport)
+            rtts = []
+            for _ in range(3):
+                t = time.monotonic()
+                w.write(b"x")
+                await w.drain()
+                assert await r.readexactly(1) == b"x"
+                rtts.append(time.monotonic() - t)
+            assert min(rtts) >= 0.1 and max(rtts) < 0.3, rtts  # 50 ms each way
+            blob = os.urandom(3 << 20)
+            w.write(blob)
+            await w.drain()
+            w.write_eof()  # a half-close goes through: the target answers after it
+            digest = await asyncio.wait_for(r.read(), 10)
+            assert digest == hashlib.sha256(b"xxx" + blob).hexdigest().encode()
+            w.close()
+            await asyncio.sleep(0.15)
+            c = proxy.stats()[str(lport)]
+            assert c == {"up": 3 + len(blob), "down": 3 + 64, "conns": 1}
+        finally:
+            await proxy.close()
+            target.close()
+
+    asyncio.run(main())
+
+
+def test_relay_closes_the_client_when_the_target_refuses() -> None:
+    async def main() -> None:
+        lport, dead = free_port(), free_port()
+        proxy = DelayProxy("127.0.0.1", {lport: ("127.0.0.1", dead)}, delay=0.01)
+        await proxy.start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", lport)
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+        finally:
+            await proxy.close()
+
+    asyncio.run(main())
+
+
+async def _counter_server(host: str, port: int) -> asyncio.Server:
+    """A stand-in for the tiny guest's counter CGI: ``memory=N disk=N``, N going up."""
+    n = 0
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal n
+        try:
+            await r.readuntil(b"\r\n\r\n")
+            n += 1
+            w.write(f"HTTP/1.0 200 OK\r\n\r\nmemory={n} disk={n}\n".encode())
+            await w.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # a poller gave up on this request
+        finally:
+            w.close()
+
+    return await asyncio.start_server(handle, host, port)
+
+
+def test_http_get_reads_the_counter() -> None:
+    async def main() -> None:
+        srv = await _counter_server("127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            assert (await http_get("127.0.0.1", port, "/cgi-bin/counter", 2))[:2] == (True, 1)
+            assert (await http_get("127.0.0.1", port, "/cgi-bin/counter", 2))[:2] == (True, 2)
+            assert await http_get("127.0.0.1", free_port(), "/", 1) == (False, None, b"")
+        finally:
+            srv.close()
+
+    asyncio.run(main())
+
+
+def test_pollers_find_a_late_service_and_record_every_answer() -> None:
+    host = "127.0.0.9"  # only this test listens here: what appears is the service
+    port = free_port(host)
+    poller = Poller(None, host, "/cgi-bin/counter", port=None, timeout=1).start()
+    fixed: Poller | None = None
+    loop = asyncio.new_event_loop()
+    try:
+        time.sleep(0.1)
+        assert poller.answers == []
+        srv = loop.run_until_complete(_counter_server(host, port))
+        assert port in listening_ports(host)
+        fixed = Poller(None, host, "/cgi-bin/counter", port=port, timeout=1).start()
+        deadline = time.monotonic() + 5
+        while len(poller.answers) < 3 or len(fixed.answers) < 3:
+            loop.run_until_complete(asyncio.sleep(0.01))  # the server runs on this loop
+            assert time.monotonic() < deadline, (poller.answers, fixed.answers)
+        poller.stop()
+        fixed.stop()
+        srv.close()
+        loop.run_until_complete(srv.wait_closed())
+        values = sorted(a.value for a in poller.answers + fixed.answers if a.value)
+        assert values == list(range(1, len(values) + 1))  # every answer counted, none lost
+    finally:
+        poller.stop()
+        if fixed is not None:
+            fixed.stop()
+        loop.close()
+
+
+def test_downtime_pairs_the_last_source_answer_before_the_first_destination_answer() -> None:
+    src = Poller(None, "127.0.0.1", "/")
+    dst = Poller(None, "127.0.0.1", "/")
+    src.answers += [Answer(1.0, 1, 10), Answer(2.0, 1, 11), Answer(9.0, 1, 12)]
+    dst.answers += [Answer(2.5, 2, 13), Answer(3.0, 2, 14)]
+    d = downtime(src, dst)
+    assert d["downtime_s"] == 0.5 and d["state_moved"] is True
+    assert (d["source_last_value"], d["dest_first_value"]) == (11, 13)
+    assert d["source_after_dest"] == 1  # a source that answered again is reported, not hidden
+    dst.answers[0] = Answer(2.5, 2, 3)  # a counter that went back: the state did not move
+    assert downtime(src, dst)["state_moved"] is False
+
+
+@pytest.mark.parametrize("who", ["source", "dest"])
+def test_downtime_says_when_a_side_never_answered(who: str) -> None:
+    a = Poller(None, "127.0.0.1", "/")
+    b = Poller(None, "127.0.0.1", "/")
+    (b if who == "source" else a).answers.append(Answer(1.0, 1, 5))
+    d = downtime(a, b)
+    assert d["downtime_s"] is None and "never answered" in d["reason"]
