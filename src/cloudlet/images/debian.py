@@ -38,11 +38,10 @@ from cloudlet.images.debs import (
     deb_cache_dir,
     fetch_package,
 )
-from cloudlet.images.digest import content_id
 from cloudlet.images.initramfs import FIXED_MTIME, MODULES, build_initramfs
-from cloudlet.images.model import READY_MARKER, Image
-from cloudlet.images.store import ImageStore, now_iso, qemu_img
-from cloudlet.images.tiny import TINY_CMDLINE, busybox_applets, guest_file
+from cloudlet.images.model import Image
+from cloudlet.images.store import ImageStore
+from cloudlet.images.tiny import TINY_CMDLINE, busybox_applets, guest_file, seal_image
 from cloudlet.images.tiny import _find_vmlinuz as find_vmlinuz
 from cloudlet.util.names import check_name
 
@@ -433,27 +432,15 @@ def build_debian(
         initrd = build_initramfs(kernel_pkg.root, busybox.read_bytes(), guest_file("init.sh"))
         (work / "initrd.img").write_bytes(initrd)
 
-        say("hashing")
-        cid = content_id(work / "vmlinuz", work / "initrd.img", raw)
-        say("converting the disk to qcow2")
-        r = qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
-        if r.returncode != 0:
-            raise EnvironmentProblem(f"qemu-img convert failed: {r.stderr.strip()}")
-        raw.unlink()
-
-        img = Image(
+        img = seal_image(
+            store,
+            work,
+            raw,
+            say,
             name=name,
-            disk="disk.qcow2",
-            disk_format="qcow2",
-            content_id=cid,
-            kernel="vmlinuz",
-            initrd="initrd.img",
             cmdline=DEBIAN_CMDLINE,
-            ports=list(DEBIAN_PORTS),
-            agent=True,
-            ready_marker=READY_MARKER,
+            ports=DEBIAN_PORTS,
             source="build-debian",
-            created=now_iso(),
             disk_size=DEBIAN_DISK_SIZE,
             extra={
                 "suite": suite,
@@ -466,7 +453,6 @@ def build_debian(
                 "debootstrap_cached": from_cache,
                 "recipe": recipe,
             },
-            dir=store.dir(name),
         )
         store.save(img, work)
     say("done")

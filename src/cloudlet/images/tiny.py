@@ -14,9 +14,10 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from cloudlet.config import Paths
 from cloudlet.errors import ConflictError, EnvironmentProblem
@@ -286,39 +287,66 @@ def build_tiny(
         make_ext4(tree, raw)
         shutil.rmtree(tree)
 
-        say("hashing")
-        cid = content_id(work / "vmlinuz", work / "initrd.img", raw)
-
-        say("converting the disk to qcow2")
-        r = qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
-        if r.returncode != 0:
-            raise EnvironmentProblem(f"qemu-img convert failed: {r.stderr.strip()}")
-        raw.unlink()
-
-        img = Image(
+        img = seal_image(
+            store,
+            work,
+            raw,
+            say,
             name=name,
-            disk="disk.qcow2",
-            disk_format="qcow2",
-            content_id=cid,
-            kernel="vmlinuz",
-            initrd="initrd.img",
             cmdline=TINY_CMDLINE,
-            ports=list(TINY_PORTS),
-            agent=True,
-            ready_marker=READY_MARKER,
+            ports=TINY_PORTS,
             source="build-tiny",
-            created=now_iso(),
             disk_size=DISK_SIZE,
             extra={
                 "kernel_package": kernel_pkg.deb_name,
                 "busybox_package": busybox_pkg.deb_name,
                 "recipe": recipe_id(),
             },
-            dir=store.dir(name),
         )
         store.save(img, work)
     say("done")
     return img
+
+
+def seal_image(
+    store: ImageStore,
+    work: Path,
+    raw: Path,
+    say: Callable[[str], None],
+    *,
+    name: str,
+    cmdline: str,
+    ports: Sequence[int],
+    source: str,
+    disk_size: int,
+    extra: dict[str, Any],
+) -> Image:
+    """The last steps every built image shares: content id over kernel, initrd and the raw
+    disk, the raw disk converted to qcow2 (and removed), and the image record."""
+    say("hashing")
+    cid = content_id(work / "vmlinuz", work / "initrd.img", raw)
+    say("converting the disk to qcow2")
+    r = qemu_img("convert", "-f", "raw", "-O", "qcow2", str(raw), str(work / "disk.qcow2"))
+    if r.returncode != 0:
+        raise EnvironmentProblem(f"qemu-img convert failed: {r.stderr.strip()}")
+    raw.unlink()
+    return Image(
+        name=name,
+        disk="disk.qcow2",
+        disk_format="qcow2",
+        content_id=cid,
+        kernel="vmlinuz",
+        initrd="initrd.img",
+        cmdline=cmdline,
+        ports=list(ports),
+        agent=True,
+        ready_marker=READY_MARKER,
+        source=source,
+        created=now_iso(),
+        disk_size=disk_size,
+        extra=extra,
+        dir=store.dir(name),
+    )
 
 
 def _find_vmlinuz(pkg: Package) -> Path:
