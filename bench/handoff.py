@@ -941,6 +941,41 @@ def follow_verdict(run: dict[str, Any]) -> dict[str, Any]:
 # -- main ------------------------------------------------------------------------------------
 
 
+def markdown(summary: list[dict[str, Any]]) -> str:
+    """The per-bandwidth medians as the table BENCHMARKS.md shows."""
+
+    def t(s: dict[str, Any], who: str) -> str:
+        v = s[f"{who}_total_s"]
+        if v is None and s.get(f"{who}_total_s_gt"):
+            return f"> {s[f'{who}_total_s_gt']:.0f} s (timeout)"
+        return "n/a" if v is None else f"{v:.1f} s"
+
+    def d(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f} s"
+
+    def b(v: float | None) -> str:
+        return "n/a" if v is None else f"{v / MiB:.1f} MiB"
+
+    rows = [
+        "| guest | Mbit/s | runs | handoff total | native total | handoff downtime | "
+        "native downtime | handoff bytes | native bytes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in summary:
+        nb = s["native_bytes"]
+        native_b = b(nb) if nb is not None else (
+            f"> {b(s.get('native_bytes_sent_before_timeout'))}"
+            if s.get("native_bytes_sent_before_timeout") else "n/a"
+        )  # fmt: skip
+        rows.append(
+            f"| {s['guest']} | {s['bandwidth_mbps']:g} | {s['runs']['handoff']}+"
+            f"{s['runs']['native']} | {t(s, 'handoff')} | {t(s, 'native')} | "
+            f"{d(s['handoff_downtime_s'])} | {d(s['native_downtime_s'])} | "
+            f"{b(s['handoff_bytes'])} | {native_b} |"
+        )
+    return "\n".join(rows)
+
+
 def kill_leftovers(root: Path) -> list[int]:
     """QEMU processes whose command line mentions our data dirs (a run killed with SIGKILL)."""
     killed = []
@@ -1119,6 +1154,7 @@ def main() -> int:
     finally:
         kill_leftovers(work)
         end_vms(lib)
+    log("medians:\n" + markdown(summary["per_bandwidth"]))
     print(json.dumps(summary, sort_keys=True))
     return 0
 
