@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -797,11 +798,18 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     p = paths(a.home)
+    # One run per bench home: the cleanup below removes every VM in it.
+    lock = os.open(p.home / ".bench.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        ap.exit(1, f"another bench run is using {p.home}\n")
     cleanup_vms(p)
     try:
         summary = asyncio.run(amain(a))
     finally:
         cleanup_vms(p)
+        os.close(lock)
     print(json.dumps(summary, sort_keys=True))
     return 0
 
