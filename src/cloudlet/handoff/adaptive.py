@@ -8,6 +8,13 @@ as it goes (exponential moving averages); the link rate comes from how fast the 
 drains what we hand it. Every few frames a neighbouring option is tried so its estimate stays
 fresh, which is how the choice follows a link that changes mid-transfer. Each change is logged
 with its reason.
+
+Options are tried on different frames, and frames differ a lot (random memory pages compress
+~1x, text-like disk pages ~4x): raw ratios of different frames are not comparable, and
+comparing them made the choice follow the content of the last frames rather than the link.
+So each frame's size under a reference (zstd-1, on a sample of the frame) is measured too; per
+option the controller keeps its *gain* over the reference on the same content, and the content's
+compressibility (the reference ratio) is tracked once, for all options alike.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class CompressionController:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _link_bytes: int = 0
     _link_seconds: float = 0.0
+    _ref_ratio: float | None = None  # raw / stored of recent frames under the reference
 
     def __post_init__(self) -> None:
         for o in self.options:
@@ -91,11 +99,30 @@ class CompressionController:
         self._est["none"].ratio = 1.0
 
     # -- measurements --------------------------------------------------------------------
-    def observe_compress(self, opt: Option, raw: int, stored: int, cpu_seconds: float) -> None:
+    def observe_compress(
+        self,
+        opt: Option,
+        raw: int,
+        stored: int,
+        cpu_seconds: float,
+        ref_stored: float | None = None,
+    ) -> None:
+        """A frame of ``raw`` bytes became ``stored`` with ``opt`` in ``cpu_seconds``.
+
+        ``ref_stored``: the same frame's size under the reference option (estimated from a
+        sample is fine). Without it, ratios are taken as they come (frames of like content).
+        """
         if raw <= 0 or stored <= 0 or opt.name == "none":
             return
         with self._lock:
-            self._est[opt.name].update(raw / max(cpu_seconds, 1e-6), raw / stored, self.alpha)
+            if ref_stored:
+                r = raw / ref_stored
+                a = self.alpha
+                self._ref_ratio = (
+                    r if self._ref_ratio is None else (1 - a) * self._ref_ratio + a * r
+                )
+            gain = ref_stored / stored if ref_stored else raw / stored
+            self._est[opt.name].update(raw / max(cpu_seconds, 1e-6), gain, self.alpha)
 
     def observe_link(self, nbytes: int, seconds: float) -> None:
         """Bytes the transport drained and how long that took (windowed, then smoothed)."""
@@ -118,7 +145,14 @@ class CompressionController:
         e = self._est[opt.name]
         if e.speed is None or e.ratio is None:
             return 0.0
-        return min(self.cores * e.speed, self.link_rate * e.ratio)
+        return min(self.cores * e.speed, self.link_rate * self._ratio(opt))
+
+    def _ratio(self, opt: Option) -> float:
+        """Expected raw / stored for the current content: gain x reference ratio."""
+        ratio = self._est[opt.name].ratio or 0.0
+        if opt.codec == 0 or self._ref_ratio is None:
+            return ratio
+        return ratio * self._ref_ratio
 
     def choose(self) -> Option:
         """The option for the next frame (occasionally a neighbour, to keep estimates fresh)."""
@@ -155,8 +189,12 @@ class CompressionController:
             "current": self.current.name,
             "link_mbps": round(self.link_rate * 8 / 1e6, 2),
             "estimates": {
-                k: {"speed_mb_s": round((e.speed or 0) / 1e6, 1), "ratio": round(e.ratio or 0, 3)}
-                for k, e in self._est.items()
+                o.name: {
+                    "speed_mb_s": round((self._est[o.name].speed or 0) / 1e6, 1),
+                    "ratio": round(self._ratio(o), 3),
+                }
+                for o in self.options
             },
+            "reference_ratio": round(self._ref_ratio, 3) if self._ref_ratio else None,
             "changes": [c.to_dict() for c in self.changes],
         }
