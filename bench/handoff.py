@@ -1066,6 +1066,7 @@ def run_all(a: argparse.Namespace, lib: Paths, work: Path) -> dict[str, Any]:
                 wait_standby(srv_a, g)
                 if g.dirty:  # check the dirtier runs before measuring anything
                     start_dirtier(srv_a.paths, inst["vm_id"], a.dirty_mib * MiB, a.dirty_mb_s * 1e6)
+                    time.sleep(1.5)  # it writes its progress file every second
                     p0 = dirtier_progress(srv_a.paths, inst["vm_id"]) or {"bytes": 0, "seconds": 0}
                     time.sleep(5)
                     p1 = dirtier_progress(srv_a.paths, inst["vm_id"])
