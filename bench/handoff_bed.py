@@ -611,9 +611,10 @@ class Poller:
       must be waiting when the guest starts; the few sent after the load are what the guest
       answers first.
 
-    With ``port=None`` the poller discovers the service: any port that starts listening on
-    ``host`` after the poller started (the destination's VM gets its port when it is
-    launched).
+    With ``port=None`` the poller discovers the service: the ports that start listening on
+    ``host`` after the poller started (the destination's VM gets its ports when it is
+    launched) are asked in turn, and the first that answers with a counter is the service
+    (a VM may forward more guest ports than the service's: its base's web page, say).
     """
 
     ns: str | None
@@ -677,21 +678,26 @@ class Poller:
         inflight: dict[asyncio.Task[tuple[bool, int | None, bytes]], tuple[float, int]] = {}
         last_sent = 0.0
         port = self.port
+        tried: list[int] = []  # discovery: new ports, asked in turn until one is the service
+        plain: dict[int, int] = {}  # discovery: answers without a counter, per port
         while not self._stop.is_set():
-            if port is None:
+            if self.port is None and port is None:
                 new = sorted(listening_ports(self.host) - ignore)
-                port = new[0] if new else None
+                tried += [q for q in new if q not in tried]
             now = time.monotonic()
+            target = (
+                port if port is not None else (tried[self.requests % len(tried)] if tried else None)
+            )
             send = False
-            if port is not None and len(inflight) < self.max_inflight:
+            if target is not None and len(inflight) < self.max_inflight:
                 if not inflight:
                     send = now - last_sent >= self.interval
                 else:
                     send = now - last_sent >= self.fresh_after
             if send:
-                assert port is not None
-                t = asyncio.ensure_future(http_get(self.host, port, self.path, self.timeout))
-                inflight[t] = (now, port)
+                assert target is not None
+                t = asyncio.ensure_future(http_get(self.host, target, self.path, self.timeout))
+                inflight[t] = (now, target)
                 last_sent = now
                 self.requests += 1
             if inflight:
@@ -703,7 +709,17 @@ class Poller:
                     sent, p = inflight.pop(t)
                     ok, value, body = t.result()
                     self.log.append((sent, t_done, ok))
-                    if ok:
+                    if ok and self.port is None and port is None and value is None:
+                        # Another port of the same VM (its base forwards more guest ports than
+                        # the service)? After 3 such answers, never ask it again.
+                        plain[p] = plain.get(p, 0) + 1
+                        if plain[p] >= 3 and p in tried:
+                            ignore.add(p)
+                            tried.remove(p)
+                        self.failures += 1
+                    elif ok:
+                        if port is None:
+                            port = p  # found: ask only this one from now on
                         self.answers.append(Answer(t_done, p, value, b"" if value else body))
                     else:
                         self.failures += 1

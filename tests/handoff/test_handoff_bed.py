@@ -159,6 +159,42 @@ def test_pollers_find_a_late_service_and_record_every_answer() -> None:
         loop.close()
 
 
+def test_discovery_skips_a_port_that_answers_without_a_counter() -> None:
+    """The moved VM may forward more guest ports than the service's (its base's web page on
+    80, say): the poller must end up on the one that answers with the counter."""
+    host = "127.0.0.10"
+    page_port, counter_port = sorted(free_port(host) for _ in range(2))
+
+    async def page(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.0 200 OK\r\n\r\n<html>a page</html>\n")
+            await w.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    poller = Poller.dest(None, host, "/cgi-bin/counter", None).start()
+    loop = asyncio.new_event_loop()
+    try:
+        s1 = loop.run_until_complete(asyncio.start_server(page, host, page_port))
+        s2 = loop.run_until_complete(_counter_server(host, counter_port))
+        deadline = time.monotonic() + 5
+        while len(poller.answers) < 3:
+            loop.run_until_complete(asyncio.sleep(0.01))
+            assert time.monotonic() < deadline, poller.log
+        poller.stop()
+        assert {a.port for a in poller.answers} == {counter_port}
+        assert all(a.value for a in poller.answers)
+        for srv in (s1, s2):
+            srv.close()
+            loop.run_until_complete(srv.wait_closed())
+    finally:
+        poller.stop()
+        loop.close()
+
+
 def test_downtime_pairs_the_last_source_answer_before_the_first_destination_answer() -> None:
     src = Poller(None, "127.0.0.1", "/")
     dst = Poller(None, "127.0.0.1", "/")
