@@ -50,6 +50,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cloudlet.util.procs import pid_alive as _pid_alive
+
 PREFIX = "clho"  # namespaces "clho-<pid>-a" / "-b"; veths "clho<pid>a" / "...b"
 A_ADDR = "10.204.0.1"
 B_ADDR = "10.204.0.2"
@@ -94,16 +96,6 @@ def _run(cmd: list[str]) -> str:
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
     return r.stdout
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale() -> list[str]:

@@ -28,6 +28,8 @@ from types import TracebackType
 
 import httpx
 
+from cloudlet.util.procs import pid_alive as _pid_alive
+
 PREFIX = "clbench"  # namespace "clbench-<pid>", veths "clb<pid>h" / "clb<pid>n"
 HOST_ADDR = "10.203.0.1"
 NS_ADDR = "10.203.0.2"
@@ -50,16 +52,6 @@ def _tc(dev: str, rate_mbit: float, ns: str | None = None) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale() -> list[str]:

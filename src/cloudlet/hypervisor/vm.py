@@ -59,6 +59,7 @@ from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
 from cloudlet.util.hashing import file_sha256
 from cloudlet.util.names import check_name
+from cloudlet.util.procs import pid_alive as _pid_alive
 
 log = logging.getLogger("cloudlet.hypervisor")
 
@@ -292,16 +293,6 @@ class VM:
         except FileNotFoundError:
             return []
         return [ln.rstrip("\r") for ln in text.splitlines()][-lines:]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _new_id() -> str:
