@@ -80,6 +80,7 @@ from cloudlet.images.tiny import build_tiny, recipe_id
 from cloudlet.synthesis.base import BaseStore, BaseVM
 from cloudlet.synthesis.capture import capture_overlay
 from cloudlet.util.fs import atomic_write_json, read_json
+from cloudlet.util.procs import qemu_pids_mentioning
 from handoff_bed import (  # bench/ is on sys.path when this file runs
     B_ADDR,
     LOCAL,
@@ -1001,18 +1002,10 @@ def markdown(summary: list[dict[str, Any]]) -> str:
 
 def kill_leftovers(root: Path) -> list[int]:
     """QEMU processes whose command line mentions our data dirs (a run killed with SIGKILL)."""
-    killed = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmd.split(b"\0", 1)[0] and str(root).encode() in cmd:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(d.name), signal.SIGKILL)
-            killed.append(int(d.name))
+    killed = qemu_pids_mentioning(str(root))
+    for pid in killed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return killed
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def pid_alive(pid: int) -> bool:
@@ -14,3 +15,23 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def qemu_pids_mentioning(text: str) -> list[int]:
+    """Pids of QEMU processes whose command line contains ``text`` (e.g. a data dir).
+
+    Reads /proc rather than tracking children, so it also finds VMs left
+    behind by a killed run or started by another process.
+    """
+    needle = text.encode()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd.split(b"\0", 1)[0] and needle in cmd:
+            out.append(int(d.name))
+    return out
