@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cloudlet.util.procs import pid_alive as _pid_alive
+import nettools  # bench/ is on sys.path, also when this file runs as the proxy process
 
 PREFIX = "clho"  # namespaces "clho-<pid>-a" / "-b"; veths "clho<pid>a" / "...b"
 A_ADDR = "10.204.0.1"
@@ -91,28 +91,9 @@ def netns(name: str | None) -> Iterator[None]:
             _setns(orig.fileno())
 
 
-def _run(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-    return r.stdout
-
-
 def remove_stale() -> list[str]:
     """Delete our namespaces whose owning process is gone (a run killed with SIGKILL)."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    removed = []
-    for line in out.stdout.splitlines():
-        m = re.match(rf"^({PREFIX}-(\d+)-[ab])\b", line.strip())
-        if m and not _pid_alive(int(m.group(2))):
-            subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True, check=False)
-            removed.append(m.group(1))
-    return removed
-
-
-def tbf_args(rate_mbit: float) -> list[str]:
-    # burst 32kbit, latency 400ms: the settings whose accuracy the facts file measured.
-    return ["tbf", "rate", f"{rate_mbit:g}mbit", "burst", "32kbit", "latency", "400ms"]
+    return nettools.remove_stale(rf"^({PREFIX}-(\d+)-[ab])\b")
 
 
 class NetPath:
@@ -127,11 +108,7 @@ class NetPath:
         self._old_handlers: dict[int, Any] = {}
 
     def __enter__(self) -> NetPath:
-        def handler(signum: int, _frame: object) -> None:
-            raise SystemExit(128 + signum)
-
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[s] = signal.signal(s, handler)
+        self._old_handlers = nettools.trap_exit_signals()
         try:
             self.open()
         except BaseException:
@@ -147,29 +124,27 @@ class NetPath:
     def open(self) -> None:
         remove_stale()
         for ns in (self.ns_a, self.ns_b):
-            _run(["ip", "netns", "add", ns])
+            nettools.ip("netns", "add", ns)
             self._made.append(ns)
-        _run(["ip", "link", "add", self.veth_a, "netns", self.ns_a,
-              "type", "veth", "peer", "name", self.veth_b, "netns", self.ns_b])  # fmt: skip
+        nettools.ip("link", "add", self.veth_a, "netns", self.ns_a,
+                    "type", "veth", "peer", "name", self.veth_b, "netns", self.ns_b)  # fmt: skip
         for ns, dev, addr in ((self.ns_a, self.veth_a, A_ADDR), (self.ns_b, self.veth_b, B_ADDR)):
-            _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", dev])
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", *tbf_args(self.rate_mbit)])
+            nettools.ip("addr", "add", f"{addr}/{PREFIX_LEN}", "dev", dev, ns=ns)
+            nettools.ip("link", "set", dev, "up", ns=ns)
+            nettools.ip("link", "set", "lo", "up", ns=ns)
+            nettools.shape(dev, self.rate_mbit, ns=ns)
 
     def close(self) -> None:
         """Delete the namespaces (which deletes both veth ends). Processes in them must be gone."""
         for ns in reversed(self._made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+            nettools.delete_netns(ns)
         self._made.clear()
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)
-        self._old_handlers.clear()
+        nettools.restore_signals(self._old_handlers)
 
     def set_rate(self, rate_mbit: float) -> None:
         """Change the rate of both directions now (``tc qdisc change``)."""
         for ns, dev in ((self.ns_a, self.veth_a), (self.ns_b, self.veth_b)):
-            _run(["tc", "-n", ns, "qdisc", "change", "dev", dev, "root", *tbf_args(rate_mbit)])
+            nettools.shape(dev, rate_mbit, ns=ns, change=True)
         self.rate_mbit = rate_mbit
 
     def veth_bytes(self) -> dict[str, int]:
@@ -179,7 +154,7 @@ class NetPath:
             (self.ns_a, self.veth_a, "a_to_b"),
             (self.ns_b, self.veth_b, "b_to_a"),
         ):
-            d = json.loads(_run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev]))
+            d = json.loads(nettools.ip("-s", "-j", "link", "show", "dev", dev, ns=ns))
             out[key] = int(d[0]["stats64"]["tx"]["bytes"])
         return out
 

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
-from cloudlet.util.procs import pid_alive as _pid_alive
+import nettools  # bench/ is on sys.path when a bench script runs
 
 PREFIX = "clbench"  # namespace "clbench-<pid>", veths "clb<pid>h" / "clb<pid>n"
 HOST_ADDR = "10.203.0.1"
@@ -38,32 +38,9 @@ PORT = 8000
 RATE_PROBE_FILE = ".rate-probe.bin"
 
 
-def _ip(*args: str, ns: str | None = None) -> None:
-    cmd = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-
-
-def _tc(dev: str, rate_mbit: float, ns: str | None = None) -> None:
-    # burst 32kbit, latency 400ms: the settings whose accuracy the facts file measured.
-    cmd = [*(["ip", "netns", "exec", ns] if ns else []), "tc", "qdisc", "add", "dev", dev]
-    cmd += ["root", "tbf", "rate", f"{rate_mbit}mbit", "burst", "32kbit", "latency", "400ms"]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
-
-
 def remove_stale() -> list[str]:
     """Delete our namespaces whose owning process is gone (a run killed with SIGKILL)."""
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    removed = []
-    for line in r.stdout.splitlines():
-        m = re.match(rf"^({PREFIX}-(\d+))\b", line.strip())
-        if m and not _pid_alive(int(m.group(2))):
-            subprocess.run(["ip", "netns", "del", m.group(1)], capture_output=True, check=False)
-            removed.append(m.group(1))
-    return removed
+    return nettools.remove_stale(rf"^({PREFIX}-(\d+))\b")
 
 
 class NetBed:
@@ -79,11 +56,11 @@ class NetBed:
         self.veth_ns = f"clb{pid}n"[:15]
         self.server: subprocess.Popen[bytes] | None = None
         self._created = False
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, Any] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> NetBed:
-        self._trap_signals()
+        self._old_handlers = nettools.trap_exit_signals()
         try:
             self.open()
         except BaseException:
@@ -96,30 +73,21 @@ class NetBed:
     ) -> None:
         self.close()
 
-    def _trap_signals(self) -> None:
-        """SIGTERM/SIGHUP raise SystemExit, so ``with`` blocks (and our cleanup) run."""
-
-        def handler(signum: int, _frame: object) -> None:
-            raise SystemExit(128 + signum)
-
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[s] = signal.signal(s, handler)
-
     def open(self) -> None:
         remove_stale()
         self.served.mkdir(parents=True, exist_ok=True)
-        _ip("netns", "add", self.ns)
+        nettools.ip("netns", "add", self.ns)
         self._created = True
-        _ip("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
-        _ip("link", "set", self.veth_ns, "netns", self.ns)
-        _ip("addr", "add", f"{HOST_ADDR}/{PREFIX_LEN}", "dev", self.veth_host)
-        _ip("link", "set", self.veth_host, "up")
-        _ip("addr", "add", f"{NS_ADDR}/{PREFIX_LEN}", "dev", self.veth_ns, ns=self.ns)
-        _ip("link", "set", self.veth_ns, "up", ns=self.ns)
-        _ip("link", "set", "lo", "up", ns=self.ns)
+        nettools.ip("link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_ns)
+        nettools.ip("link", "set", self.veth_ns, "netns", self.ns)
+        nettools.ip("addr", "add", f"{HOST_ADDR}/{PREFIX_LEN}", "dev", self.veth_host)
+        nettools.ip("link", "set", self.veth_host, "up")
+        nettools.ip("addr", "add", f"{NS_ADDR}/{PREFIX_LEN}", "dev", self.veth_ns, ns=self.ns)
+        nettools.ip("link", "set", self.veth_ns, "up", ns=self.ns)
+        nettools.ip("link", "set", "lo", "up", ns=self.ns)
         if self.rate_mbit:
-            _tc(self.veth_host, self.rate_mbit)  # host -> namespace (requests, ACKs)
-            _tc(self.veth_ns, self.rate_mbit, ns=self.ns)  # namespace -> host (the data)
+            nettools.shape(self.veth_host, self.rate_mbit)  # host -> namespace (requests, ACKs)
+            nettools.shape(self.veth_ns, self.rate_mbit, ns=self.ns)  # namespace -> host (data)
         self.server = subprocess.Popen(
             ["ip", "netns", "exec", self.ns, sys.executable, "-m", "http.server",
              "--bind", NS_ADDR, "--directory", str(self.served), str(self.port)],
@@ -144,13 +112,11 @@ class NetBed:
             self.server.wait()
             self.server = None
         if self._created:
-            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, check=False)
+            nettools.delete_netns(self.ns)
             # The host end normally vanishes with its peer; make sure.
             subprocess.run(["ip", "link", "del", self.veth_host], capture_output=True, check=False)
             self._created = False
-        for s, h in self._old_handlers.items():
-            signal.signal(s, h)  # type: ignore[arg-type]
-        self._old_handlers.clear()
+        nettools.restore_signals(self._old_handlers)
 
     # -- use ---------------------------------------------------------------------------------
     def url(self, rel: str) -> str:
