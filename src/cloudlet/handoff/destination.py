@@ -22,7 +22,7 @@ from typing import Any
 from cloudlet.config import Paths
 from cloudlet.errors import CloudletError, InvalidInputError, NotFoundError
 from cloudlet.handoff.errors import HandoffPrepareError, HandoffRestoreError
-from cloudlet.handoff.wire import FrameDecoder
+from cloudlet.handoff.wire import FrameDecoder, devstate_dictionary
 from cloudlet.hypervisor.hardware import Hardware
 from cloudlet.hypervisor.ports import PortForward
 from cloudlet.hypervisor.vm import VM, VMManager
@@ -48,6 +48,7 @@ class Session:
     applier: RecordApplier
     limits: RecordLimits
     meta: dict[str, Any]
+    devstate_dict: Any  # zstandard.ZstdCompressionDict of the base's device state
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
     bytes: int = 0
@@ -107,6 +108,7 @@ class HandoffDestination:
             parts = {n: vm.dir / n for n in ("memory.ram", "disk.qcow2", "devstate")}
             applier = RecordApplier(sizes, base.ref(), parts, str(base.path("disk.raw")))
             await asyncio.to_thread(applier.start)
+            ds_dict = devstate_dictionary(base.path("devstate").read_bytes())
             base_mem_pages = base.path("memory.ram").stat().st_size // PAGE
             limits = RecordLimits(
                 mem_pages=hw.memory_bytes // PAGE,
@@ -119,7 +121,9 @@ class HandoffDestination:
             await self.vms.discard(vm)
             raise
         sid = secrets.token_hex(12)
-        self.sessions[sid] = Session(sid, vm, base, applier, limits, dict(req.get("meta") or {}))
+        self.sessions[sid] = Session(
+            sid, vm, base, applier, limits, dict(req.get("meta") or {}), ds_dict
+        )
         self._ensure_reaper()
         log.info("handoff session %s prepared for VM %s (base %s)", sid, vm.id, base.name)
         return {"session": sid, "vm": vm.id}
@@ -186,7 +190,7 @@ class HandoffDestination:
         log.info("handoff session %s aborted; VM %s discarded", sid, s.vm.id)
 
     async def _apply(self, s: Session, chunks: AsyncIterator[bytes]) -> int:
-        dec = FrameDecoder(s.limits)
+        dec = FrameDecoder(s.limits, s.devstate_dict)
         n = 0
         async for chunk in chunks:
             s.last_activity = time.monotonic()

@@ -1,15 +1,21 @@
-"""The handoff wire format (version 1): a stream of self-checking frames.
+"""The handoff wire format (version 2): a stream of self-checking frames.
 
 Each frame carries records of one kind (device state, memory pages or disk pages), in exactly
 the record format of overlay segments (``overlay.format.RECORD``), so the destination applies
 them with the same code as synthesis. Frames are independent: each is compressed on its own,
 with the codec the sender chose for it, and checked before it is decompressed.
 
+Version 2 adds codec 0x80 for device-state frames only: zstd with the base VM's own device
+state (which both ends hold) as a raw-content dictionary. A VM's device state is ~0.7 MB, and
+nearly all of it equals the base's: 0.3 MB under plain zstd, ~0.5 KB against the base. It is
+sent while the VM is paused, so on a 5 Mbit/s link that is ~0.5 s of downtime saved.
+
     offset size field
     0      4    magic b"CLHF"
     4      1    wire version (1)
     5      1    kind (1 devstate, 2 memory, 3 disk)
-    6      1    codec id (0 none, 1 zstd; the overlay codec table)
+    6      1    codec id (0 none, 1 zstd: the overlay codec table; 0x80 zstd with the
+                base's device state as dictionary, device-state frames only)
     7      1    codec level (informational)
     8      4    sequence number (0, 1, 2, ... within one request body)
     12     4    record count
@@ -27,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import xxhash
+import zstandard
 
 from cloudlet.errors import IntegrityError
 from cloudlet.overlay.codecs import codec_by_id
@@ -34,7 +41,9 @@ from cloudlet.overlay.errors import OverlayCorrupt
 from cloudlet.overlay.format import Kind, Payload, RecordLimits, iter_records
 
 FRAME_MAGIC = b"CLHF"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+CODEC_DEVSTATE_DICT = 0x80  # zstd, the base VM's device state as a raw-content dictionary
+DEVSTATE_DICT_LEVEL = 3  # measured: ~450 bytes for a tiny or Debian guest, < 1 ms
 FRAME = struct.Struct("<4sBBBBIIIIQ")
 assert FRAME.size == 32
 MAX_FRAME_RAW = 8 << 20
@@ -94,11 +103,53 @@ def _parse_header(data: bytes, expect_seq: int) -> FrameHeader:
     return FrameHeader(k, codec, level, seq, nrec, raw, stored, checksum)
 
 
-class FrameDecoder:
-    """Incremental decoder: feed it bytes as they arrive, get checked records out."""
+def devstate_dictionary(base_devstate: bytes) -> zstandard.ZstdCompressionDict:
+    """The base VM's device state as a zstd raw-content dictionary (both ends build the same)."""
+    return zstandard.ZstdCompressionDict(base_devstate, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
-    def __init__(self, limits: RecordLimits) -> None:
+
+def compress_devstate(raw: bytes, dictionary: zstandard.ZstdCompressionDict) -> bytes:
+    """``raw`` device-state records under codec :data:`CODEC_DEVSTATE_DICT`.
+
+    With a content checksum: a raw-content dictionary has no id, so a destination whose base
+    device state differs would otherwise decode wrong bytes without noticing.
+    """
+    c = zstandard.ZstdCompressor(
+        level=DEVSTATE_DICT_LEVEL, dict_data=dictionary, write_content_size=True,
+        write_checksum=True,
+    )  # fmt: skip
+    return c.compress(raw)
+
+
+def _decompress_devstate(
+    stored: bytes, raw_length: int, dictionary: zstandard.ZstdCompressionDict
+) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(stored)
+        if params.content_size != raw_length:
+            raise ValueError(f"zstd frame says {params.content_size} bytes, expected {raw_length}")
+        out: bytes = zstandard.ZstdDecompressor(dict_data=dictionary).decompress(
+            stored, max_output_size=raw_length
+        )
+    except zstandard.ZstdError as e:
+        raise ValueError(f"zstd with the base's device state: {e}") from e
+    if len(out) != raw_length:
+        raise ValueError(f"decompressed {len(out)} bytes, expected {raw_length}")
+    return out
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it bytes as they arrive, get checked records out.
+
+    ``devstate_dict``: the destination's base device state as a dictionary; without it a frame
+    under :data:`CODEC_DEVSTATE_DICT` is refused.
+    """
+
+    def __init__(
+        self, limits: RecordLimits, devstate_dict: zstandard.ZstdCompressionDict | None = None
+    ) -> None:
         self.limits = limits
+        self.devstate_dict = devstate_dict
         self.buf = bytearray()
         self.seq = 0
         self.bytes = 0
@@ -118,8 +169,18 @@ class FrameDecoder:
             if xxhash.xxh3_64_intdigest(stored) != h.checksum:
                 raise WireError(f"frame {h.seq}", "checksum mismatch")
             try:
-                codec = codec_by_id(h.codec, part=f"frame {h.seq}", segment=h.seq)
-                raw = codec.decompress(stored, h.raw_length)
+                if h.codec == CODEC_DEVSTATE_DICT:
+                    if h.kind is not Kind.DEVSTATE or self.devstate_dict is None:
+                        raise ValueError(
+                            "codec 0x80 (base device-state dictionary) on a "
+                            f"{h.kind.name.lower()} frame"
+                            if h.kind is not Kind.DEVSTATE
+                            else "codec 0x80 but no base device state to decode it with"
+                        )
+                    raw = _decompress_devstate(stored, h.raw_length, self.devstate_dict)
+                else:
+                    codec = codec_by_id(h.codec, part=f"frame {h.seq}", segment=h.seq)
+                    raw = codec.decompress(stored, h.raw_length)
                 recs = list(iter_records(h.kind, raw, h.records, self.limits, h.seq))
             except OverlayCorrupt as e:
                 raise WireError(f"frame {h.seq}", e.message) from e
