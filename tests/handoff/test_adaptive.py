@@ -56,7 +56,8 @@ def test_delivered_is_min_of_cpu_and_link() -> None:
     ctl = CompressionController(cores=2)
     feed(ctl, 25, 30)
     best = ctl.current
-    assert ctl.delivered(best) == max(ctl.delivered(o) for o in ctl.options)
+    # The best, or one within the hysteresis margin of it.
+    assert ctl.delivered(best) * (1 + ctl.hysteresis) >= max(ctl.delivered(o) for o in ctl.options)
     snap = ctl.snapshot()
     assert snap["current"] == best.name and 20 < float(snap["link_mbps"]) < 30
 
@@ -83,3 +84,32 @@ def test_mixed_content_does_not_make_the_choice_flap() -> None:
     late = chosen[100:]
     assert late.count("zstd-19") >= 0.85 * len(late), late
     assert len([c for c in ctl.changes if c.frame > 100]) <= 2, [c.to_dict() for c in ctl.changes]
+
+
+def _noisy_near_equal(hysteresis: float) -> CompressionController:
+    """zstd-3 and zstd-9 deliver within 2% of each other; each measurement is off by up to 8%."""
+    import random
+
+    rnd = random.Random(7)
+    gain = {"zstd-1": 0.8, "zstd-3": 1.0, "zstd-9": 1.02, "zstd-19": 1.1}
+    speed = {"zstd-1": 400e6, "zstd-3": 150e6, "zstd-9": 80e6, "zstd-19": 1e6}
+    ctl = CompressionController(cores=2, hysteresis=hysteresis)
+    raw = 1 << 20
+    for _ in range(400):
+        opt = ctl.choose()
+        noise = rnd.uniform(0.92, 1.08)
+        ratio = 2.0 * gain.get(opt.name, 0.5) * noise
+        ctl.observe_compress(opt, raw, int(raw / ratio), raw / speed[opt.name], raw / 2.0)
+        ctl.observe_link(int(raw / ratio), raw / ratio * 8 / 25e6)
+    return ctl
+
+
+def test_near_equal_options_do_not_take_turns() -> None:
+    """After a link change the estimates of neighbouring levels cross back and forth with the
+    noise of each frame; a change needs a clear gain (bench/handoff.py saw the choice flip
+    among near-equal levels after the link dropped)."""
+    calm = _noisy_near_equal(0.1)
+    flappy = _noisy_near_equal(0.0)
+    late = [c for c in calm.changes if c.frame > 50]
+    assert len(late) <= 1, [c.to_dict() for c in calm.changes]
+    assert len([c for c in flappy.changes if c.frame > 50]) > 3 * max(1, len(late))

@@ -7,7 +7,8 @@ bottleneck and a cheaper level (or none) wins. Speeds and ratios are measured on
 as it goes (exponential moving averages); the link rate comes from how fast the transport
 drains what we hand it. Every few frames a neighbouring option is tried so its estimate stays
 fresh, which is how the choice follows a link that changes mid-transfer. Each change is logged
-with its reason.
+with its reason; a change needs an estimated gain of at least ``hysteresis`` (10%), so that
+options of near-equal worth do not take turns.
 
 Options are tried on different frames, and frames differ a lot (random memory pages compress
 ~1x, text-like disk pages ~4x): raw ratios of different frames are not comparable, and
@@ -78,6 +79,7 @@ class Change:
 class CompressionController:
     cores: int = 2
     explore_every: int = 12
+    hysteresis: float = 0.1  # switch only to an option estimated this much better
     alpha: float = 0.3
     link_alpha: float = 0.3
     options: tuple[Option, ...] = OPTIONS
@@ -162,7 +164,10 @@ class CompressionController:
             if unmeasured:
                 return unmeasured[0]
             best = max(self.options, key=self.delivered)
-            if best != self.current:
+            # Estimates of near-equal options cross back and forth with noise; only a clear
+            # gain is worth a change (each change also costs a round of exploring).
+            clear = self.delivered(best) > self.delivered(self.current) * (1 + self.hysteresis)
+            if best != self.current and clear:
                 old = self.current
                 self.current = best
                 c = Change(
