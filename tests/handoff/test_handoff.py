@@ -207,3 +207,83 @@ def test_options_bound_the_rounds(base_home: Paths, dest_home: Paths) -> None:
     )
     assert len(rep["rounds"]) <= 3  # at most two pre-copy rounds plus the final one
     assert counter(VMManager(dest_home).get(rep["destination"]["vm"]).host_port(80))["memory"] == 4
+
+
+class SlowLink(LocalLink):
+    """A link of ``rate`` bytes/s. With ``cut_when_throttled``, it is cut in the first pre-copy
+    round that runs while the source holds the VM back (auto-converge)."""
+
+    def __init__(self, dest: HandoffDestination, rate: float, *, cut_when_throttled: bool = False):
+        super().__init__(dest)
+        self.rate, self.cut = rate, cut_when_throttled
+        self.source: HandoffSource | None = None
+
+    async def send(
+        self, session: str, frames: AsyncIterator[bytes], *, final: bool
+    ) -> dict[str, Any]:
+        throttled = bool(self.source and self.source.throttle_steps)
+
+        async def slow() -> AsyncIterator[bytes]:
+            n = 0
+            async for f in frames:
+                await asyncio.sleep(len(f) / self.rate)
+                n += len(f)
+                if self.cut and throttled and not final and n > 200_000:
+                    raise ConnectionResetError("link cut by the test")
+                yield f
+
+        return await super().send(session, slow(), final=final)
+
+
+CHURN = "(while :; do head -c 3000000 /dev/urandom > /run/churn; done) >/dev/null 2>&1 &"
+
+
+def test_a_vm_dirtying_faster_than_the_link_is_throttled_and_arrives_intact(
+    base_home: Paths, dest_home: Paths
+) -> None:
+    """Random data rewritten faster than 1 MB/s cannot converge on a 1 MB/s link: the rounds
+    stop shrinking, and the source holds the VM back for part of each 0.1 s (auto-converge)."""
+    vm, _port = _start(base_home)
+    assert run(VMManager(base_home).exec(vm.id, CHURN)).exit_code == 0
+    link = SlowLink(HandoffDestination(dest_home), 1e6)
+    src = HandoffSource(base_home, vm.id, link, options=HandoffOptions(max_rounds=6))
+    link.source = src
+    rep = run(src.run())
+    assert rep["throttle"], rep["rounds"]  # it did not shrink, so it was throttled
+    first = rep["throttle"][0]
+    assert 0.5 <= first["held"] < 1
+    after = [r for r in rep["rounds"] if r["round"] > first["after_round"] and not r["final"]]
+    assert after and max(r["throttle"] for r in after) > 0.3  # the VM really was held
+    moved = rep["destination"]["vm"]
+    assert counter(VMManager(dest_home).get(moved).host_port(80)) == {"memory": 4, "disk": 4}
+    assert run(VMManager(dest_home).exec(moved, "md5sum /root/blob")).stdout == vm.meta["md5"]
+    assert VMManager(base_home).list() == []
+
+
+def test_a_link_cut_while_throttled_leaves_the_source_running_at_full_speed(
+    base_home: Paths, dest_home: Paths
+) -> None:
+    from cloudlet.hypervisor.qmp import Monitor
+
+    vm, port = _start(base_home)
+    assert run(VMManager(base_home).exec(vm.id, CHURN)).exit_code == 0
+    dest = HandoffDestination(dest_home)
+    link = SlowLink(dest, 1e6, cut_when_throttled=True)
+    src = HandoffSource(base_home, vm.id, link, options=HandoffOptions(max_rounds=8))
+    link.source = src
+    with pytest.raises((HandoffError, ConnectionResetError)):
+        run(src.run())
+    assert src.throttle_steps  # the cut came while the VM was being held back
+
+    async def status() -> list[str]:
+        seen = []
+        async with await Monitor.connect(vm.qmp_path) as mon:
+            for _ in range(5):  # no duty cycle left behind: running every time we look
+                seen.append((await mon.execute("query-status"))["status"])
+                await asyncio.sleep(0.05)
+        return seen
+
+    assert run(status()) == ["running"] * 5
+    assert VMManager(base_home).get(vm.id).state is VMState.RUNNING
+    assert counter(port) == {"memory": 4, "disk": 4}
+    assert dest.sessions == {} and list(dest_home.vms.iterdir()) == []

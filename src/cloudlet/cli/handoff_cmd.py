@@ -22,14 +22,24 @@ def handoff(
         ..., "--token", envvar="CLOUDLET_DEST_TOKEN", help="An admin token the destination accepts."
     ),
     downtime: float = typer.Option(1.0, "--downtime", help="Downtime target in seconds."),
-    max_rounds: int = typer.Option(8, "--max-rounds", help="Most pre-copy rounds."),
+    max_rounds: int = typer.Option(12, "--max-rounds", help="Most pre-copy rounds."),
+    auto_converge: bool = typer.Option(
+        True,
+        "--auto-converge/--no-auto-converge",
+        help="Throttle a VM whose pre-copy rounds stop shrinking (it runs slower, not stopped).",
+    ),
     server: str = ServerOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Pre-copy while it runs, then a sub-second stop-and-copy; the source ends it only after
     the destination confirms."""
     res = connect(server).handoff_instance(
-        instance_id, to, token, downtime_target_s=downtime, max_rounds=max_rounds
+        instance_id,
+        to,
+        token,
+        downtime_target_s=downtime,
+        max_rounds=max_rounds,
+        auto_converge=auto_converge,
     )
     emit(res, as_json, _show)
 
@@ -47,3 +57,7 @@ def _show(d: dict[str, Any]) -> None:
     )
     for c in rep["compression"]["changes"]:
         console.print(f"  compression {c['from']} -> {c['to']} at {c['link_mbps']} Mbps")
+    for t in rep.get("throttle", []):
+        console.print(
+            f"  after round {t['after_round']}: VM held {100 * t['held']:.0f}% of the time"
+        )

@@ -244,13 +244,24 @@ class Client:
         return self.request("POST", f"/v1/instances/{iid}/stop")
 
     def handoff_instance(
-        self, iid: str, to: str, token: str, *, downtime_target_s: float = 1.0, max_rounds: int = 8
+        self,
+        iid: str,
+        to: str,
+        token: str,
+        *,
+        downtime_target_s: float = 1.0,
+        max_rounds: int = 12,
+        auto_converge: bool = True,
     ) -> dict[str, Any]:
         """Move an instance to the cloudlet at ``to``; returns the operation's result."""
-        body = {"to": to, "token": token, "downtime_target_s": downtime_target_s}
-        res = self.request(
-            "POST", f"/v1/instances/{iid}/handoff", json=body | {"max_rounds": max_rounds}
-        )
+        body = {
+            "to": to,
+            "token": token,
+            "downtime_target_s": downtime_target_s,
+            "max_rounds": max_rounds,
+            "auto_converge": auto_converge,
+        }
+        res = self.request("POST", f"/v1/instances/{iid}/handoff", json=body)
         return self.wait_operation(res["operation"])
 
     def leave_instance(self, iid: str, user: str) -> dict[str, Any]:

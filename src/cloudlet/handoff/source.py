@@ -41,9 +41,16 @@ import xxhash
 from cloudlet.config import Paths
 from cloudlet.errors import CloudletError, ConflictError
 from cloudlet.handoff.adaptive import CompressionController, Option
+from cloudlet.handoff.converge import Throttle, next_fraction
 from cloudlet.handoff.errors import HandoffError, HandoffTransferError
 from cloudlet.handoff.link import DestinationLink
-from cloudlet.handoff.wire import encode_frame
+from cloudlet.handoff.wire import (
+    CODEC_DEVSTATE_DICT,
+    DEVSTATE_DICT_LEVEL,
+    compress_devstate,
+    devstate_dictionary,
+    encode_frame,
+)
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.overlay.codecs import CODECS
@@ -60,14 +67,19 @@ COMPARE_CHUNK = 64 << 20
 REFERENCE_SAMPLE = 128 << 10  # bytes of each frame compressed with zstd-1 as the reference
 _ZERO_PAGE = bytes(PAGE)
 _ZERO_H128 = xxhash.xxh3_128_intdigest(_ZERO_PAGE)
+_DEVSTATE_OPTION = Option("zstd-base-devstate", CODEC_DEVSTATE_DICT, DEVSTATE_DICT_LEVEL)
 
 
 @dataclass
 class HandoffOptions:
     downtime_target_s: float = 1.0
-    max_rounds: int = 8
+    max_rounds: int = 12
     frame_raw_bytes: int = 1 << 20
     shrink_factor: float = 0.9  # a round must be smaller than this x the previous one
+    auto_converge: bool = True  # throttle a VM whose rounds stop shrinking (see converge.py)
+    throttle_first: float = 0.6  # first throttle: the VM held 60% of the time
+    throttle_max: float = 0.95  # at most: the VM still runs 5% of the time
+    throttle_period_s: float = 0.1
 
 
 @dataclass
@@ -77,6 +89,8 @@ class RoundStats:
     memory_pages: int = 0
     disk_pages: int = 0
     devstate_bytes: int = 0
+    devstate_wire_bytes: int = 0
+    throttle: float = 0.0  # fraction of time the VM was held paused during the round
     raw_bytes: int = 0
     wire_bytes: int = 0
     frames: int = 0
@@ -117,6 +131,9 @@ class _Encoder:
         self.mem_lookup = PageLookup(load_index(base.path("memory.idx.npy")))
         self.disk_lookup = PageLookup(load_index(base.path("disk.idx.npy")))
         self.disk_shadow: dict[int, int] = {}  # page -> xxh3-128 of what the destination has
+        # The destination holds the base's device state too: the VM's is sent as a delta.
+        self.devstate_dict = devstate_dictionary(base.path("devstate").read_bytes())
+        self.devstate_dict.precompute_compress(level=DEVSTATE_DICT_LEVEL)
         self.pool = cf.ThreadPoolExecutor(
             max(1, controller.cores), thread_name_prefix="handoff-zstd"
         )
@@ -264,14 +281,20 @@ class _Encoder:
                 seq += 1
                 st.frames += 1
                 st.wire_bytes += len(frame)
+                if kind is Kind.DEVSTATE:
+                    st.devstate_wire_bytes += len(frame)
                 emit(frame)
 
         def submit(kind: Kind, buf: bytearray, nrec: int) -> None:
             raw = bytes(buf)
             st.raw_bytes += len(raw)
-            pending.append(
-                (self.pool.submit(self._compress, raw, self.ctl.choose()), kind, nrec, len(raw))
-            )
+            if kind is Kind.DEVSTATE:  # against the base's device state, not the controller's
+                fut: cf.Future[tuple[bytes, Option]] = self.pool.submit(
+                    lambda: (compress_devstate(raw, self.devstate_dict), _DEVSTATE_OPTION)
+                )
+            else:
+                fut = self.pool.submit(self._compress, raw, self.ctl.choose())
+            pending.append((fut, kind, nrec, len(raw)))
             drain(self.ctl.cores * 2)
 
         t0 = time.monotonic()
@@ -338,6 +361,7 @@ class HandoffSource:
         self.progress = progress
         self.vms = VMManager(paths)
         self.rounds: list[RoundStats] = []
+        self.throttle_steps: list[dict[str, float]] = []
 
     async def run(self) -> dict[str, Any]:
         vm = self.vms.get(self.vm_id)
@@ -376,50 +400,92 @@ class HandoffSource:
             "rounds": [asdict(r) for r in self.rounds],
             "bytes_on_wire": sum(r.wire_bytes for r in self.rounds),
             "compression": self.ctl.snapshot(),
+            "throttle": self.throttle_steps,
         }
 
     async def _transfer(
         self, vm: VM, enc: _Encoder, session: str
     ) -> tuple[dict[str, Any], float, float]:
+        # One QMP connection for the whole transfer: QEMU's monitor takes one client at a time,
+        # and both the throttle and the stop-and-copy need it.
         try:
-            prev: RoundStats | None = None
-            for n in range(1, self.opts.max_rounds + 1):
-                _, st = await self._round(enc, session, n, None)
-                log.info(
-                    "handoff VM %s round %d: %d memory + %d disk pages, %d wire bytes, %.2f s",
-                    vm.id, n, st.memory_pages, st.disk_pages, st.wire_bytes, st.seconds,
-                )  # fmt: skip
-                fits = st.rate > 0 and st.wire_bytes / st.rate <= self.opts.downtime_target_s / 2
-                shrinking = prev is None or st.raw_bytes < prev.raw_bytes * self.opts.shrink_factor
-                if fits or not shrinking:
-                    break
-                prev = st
+            mon = await Monitor.connect(vm.qmp_path)
         except BaseException:
             await self.link.abort(session)
             raise
-        # Stop-and-copy.
-        async with await Monitor.connect(vm.qmp_path) as mon:
-            t_pause = time.monotonic()
-            await self.vms.pause(vm, mon)
-            devstate = vm.dir / "handoff.devstate"
+        try:
+            throttle = Throttle(mon, period=self.opts.throttle_period_s)
             try:
-                await self.vms.save_devstate(vm, mon, devstate)
-                result, _ = await self._round(enc, session, len(self.rounds) + 1, devstate)
-                t_resumed = time.monotonic()
-            except BaseException as e:
-                with contextlib.suppress(Exception):
-                    await mon.execute("cont")  # the source VM keeps serving, untouched
+                await self._precopy(vm, enc, session, throttle)
+            except BaseException:
+                await throttle.close()
                 await self.link.abort(session)
-                if isinstance(e, HandoffError | asyncio.CancelledError):
-                    raise
-                if isinstance(e, CloudletError):
-                    raise HandoffTransferError("sending the last round", e.message) from e
-                raise HandoffTransferError(
-                    "sending the last round", f"{type(e).__name__}: {e}"
-                ) from e
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    devstate.unlink()
+                raise
+            await throttle.close()  # the VM runs again; the pause below is the real one
+            return await self._stop_and_copy(vm, enc, session, mon)
+        finally:
+            with contextlib.suppress(Exception):
+                await mon.close()
+
+    async def _precopy(self, vm: VM, enc: _Encoder, session: str, throttle: Throttle) -> None:
+        """Rounds while the VM runs, until the last one fits the downtime target.
+
+        A round that is not clearly smaller than the one before means the guest dirties memory
+        about as fast as the link drains it. Then, with ``auto_converge``, the VM is throttled
+        harder for the next rounds (as QEMU's auto-converge does) instead of giving up with a
+        large final round; without it, or at the strongest throttle, the rounds end there.
+        """
+        o = self.opts
+        prev: RoundStats | None = None
+        for n in range(1, o.max_rounds + 1):
+            throttle.measured()
+            _, st = await self._round(enc, session, n, None)
+            st.throttle = round(throttle.measured(), 3)
+            log.info(
+                "handoff VM %s round %d: %d memory + %d disk pages, %d wire bytes, %.2f s, "
+                "VM held %.0f%%",
+                vm.id, n, st.memory_pages, st.disk_pages, st.wire_bytes, st.seconds,
+                100 * st.throttle,
+            )  # fmt: skip
+            fits = st.rate > 0 and st.wire_bytes / st.rate <= o.downtime_target_s / 2
+            shrinking = prev is None or st.raw_bytes < prev.raw_bytes * o.shrink_factor
+            if fits:
+                return
+            if not shrinking:
+                if not o.auto_converge or throttle.fraction >= o.throttle_max:
+                    return
+                f = next_fraction(throttle.fraction, first=o.throttle_first, maximum=o.throttle_max)
+                log.info(
+                    "handoff VM %s: round %d did not shrink (%d -> %d raw bytes); "
+                    "throttling the VM to run %.0f%% of the time",
+                    vm.id, n, prev.raw_bytes if prev else 0, st.raw_bytes, 100 * (1 - f),
+                )  # fmt: skip
+                throttle.set(f)
+                self.throttle_steps.append({"after_round": n, "held": round(f, 3)})
+            prev = st
+
+    async def _stop_and_copy(
+        self, vm: VM, enc: _Encoder, session: str, mon: Monitor
+    ) -> tuple[dict[str, Any], float, float]:
+        t_pause = time.monotonic()
+        devstate = vm.dir / "handoff.devstate"
+        try:
+            await self.vms.pause(vm, mon)
+            await self.vms.save_devstate(vm, mon, devstate)
+            result, _ = await self._round(enc, session, len(self.rounds) + 1, devstate)
+            t_resumed = time.monotonic()
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                await mon.execute("cont")  # the source VM keeps serving, untouched
+            await self.link.abort(session)
+            if isinstance(e, HandoffError | asyncio.CancelledError):
+                raise
+            if isinstance(e, CloudletError):
+                raise HandoffTransferError("sending the last round", e.message) from e
+            raise HandoffTransferError("sending the last round", f"{type(e).__name__}: {e}") from e
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                devstate.unlink()
         return result, t_pause, t_resumed
 
     async def _round(

@@ -133,13 +133,24 @@ class LocalCloudlet:
         return self._run(lambda c: c.instances.stop(iid))
 
     def handoff_instance(
-        self, iid: str, to: str, token: str, *, downtime_target_s: float = 1.0, max_rounds: int = 8
+        self,
+        iid: str,
+        to: str,
+        token: str,
+        *,
+        downtime_target_s: float = 1.0,
+        max_rounds: int = 12,
+        auto_converge: bool = True,
     ) -> dict[str, Any]:
         from cloudlet.errors import VMError
         from cloudlet.handoff.source import HandoffOptions
 
         async def go(c: Cloudlet) -> dict[str, Any]:
-            opts = HandoffOptions(downtime_target_s=downtime_target_s, max_rounds=max_rounds)
+            opts = HandoffOptions(
+                downtime_target_s=downtime_target_s,
+                max_rounds=max_rounds,
+                auto_converge=auto_converge,
+            )
             op = await c.runner.wait(c.handoff.start(iid, to, token, opts)["operation"])
             if op["state"] != "succeeded":
                 err = op.get("error") or {}

@@ -36,7 +36,10 @@ class HandoffRequest(BaseModel):
     to: str = Field(min_length=8, max_length=2000, description="Destination cloudlet URL")
     token: str = Field(min_length=1, max_length=500, description="A token it accepts")
     downtime_target_s: float = Field(default=1.0, gt=0, le=60)
-    max_rounds: int = Field(default=8, ge=1, le=64)
+    max_rounds: int = Field(default=12, ge=1, le=64)
+    auto_converge: bool = Field(
+        default=True, description="Throttle a VM that dirties memory faster than the link sends"
+    )
 
 
 class PrepareRequest(BaseModel):
@@ -52,7 +55,11 @@ async def handoff_instance(
     iid: InstanceIdParam, req: HandoffRequest, core: Cloudlet = Depends(get_core)
 ) -> JSONResponse:
     """Move a running instance to another cloudlet (202 with the operation)."""
-    opts = HandoffOptions(downtime_target_s=req.downtime_target_s, max_rounds=req.max_rounds)
+    opts = HandoffOptions(
+        downtime_target_s=req.downtime_target_s,
+        max_rounds=req.max_rounds,
+        auto_converge=req.auto_converge,
+    )
     res = core.handoff.start(iid, req.to, req.token, opts)
     return accepted(res["operation"], instance=res["instance"])
 
