@@ -7,24 +7,30 @@ from typing import Any
 
 import typer
 
-from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, table
+from cloudlet.cli.common import (
+    JsonOpt,
+    console,
+    detail,
+    emit,
+    handle_errors,
+    show_written,
+    table,
+    tags_line,
+)
 from cloudlet.client.connect import ServerOpt, connect_mobile
 
 app = typer.Typer(help="Client apps for mobile users, tied to a service id.", no_args_is_help=True)
 
 
 def show_app(d: dict[str, Any]) -> None:
-    console.print(f"[bold]{d['id']}[/] {d['name']} {d['app_version']}  ({d['service_id']})")
-    console.print(
-        f"  file {d['file_name']}  {d['size']} bytes  md5 {d['md5sum']}  "
-        f"os {d['os_name'] or 'any'} >= {d['min_os_version'] or 'any'}"
+    detail(
+        f"[bold]{d['id']}[/] {d['name']} {d['app_version']}  ({d['service_id']})",
+        f"file {d['file_name']}  {d['size']} bytes  md5 {d['md5sum']}  "
+        f"os {d['os_name'] or 'any'} >= {d['min_os_version'] or 'any'}",
+        f"package {d['package_name']}" if d.get("package_name") else None,
+        tags_line(d),
+        d.get("description"),
     )
-    if d.get("package_name"):
-        console.print(f"  package {d['package_name']}")
-    if d.get("tags"):
-        console.print(f"  tags: {', '.join(d['tags'])}")
-    if d.get("description"):
-        console.print(f"  {d['description']}")
 
 
 def _meta(**kw: Any) -> dict[str, Any]:
@@ -131,7 +137,7 @@ def download(
 ) -> None:
     """Write an app's file."""
     d = connect_mobile(server).download_app(app_id, output)
-    emit(d, as_json, lambda d: console.print(f"wrote {d['file']} ({d['bytes']} bytes)"))
+    emit(d, as_json, show_written)
 
 
 @app.command("delete")

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, run_async, table
+from cloudlet.cli.common import (
+    JsonOpt,
+    console,
+    emit,
+    handle_errors,
+    run_async,
+    show_written,
+    table,
+)
 from cloudlet.cli.vm_cmd import parse_memory
 from cloudlet.client.connect import ServerOpt, connect
 from cloudlet.config import paths
@@ -81,7 +89,7 @@ def export(
     """Write a base VM as one file (for another cloudlet to import)."""
     with console.status(f"exporting base {name}..."):
         d = BaseStore(paths()).export(name, output)
-    emit(d, as_json, lambda d: console.print(f"wrote {d['file']} ({d['bytes']} bytes)"))
+    emit(d, as_json, show_written)
 
 
 @app.command("import")

@@ -53,6 +53,27 @@ def table(rows: Iterable[dict[str, Any]], columns: list[str], title: str | None 
         console.print(t)
 
 
+def detail(title: str, *lines: str | None) -> None:
+    """Print one record: ``title``, then each given line indented; ``None``/empty lines drop.
+
+    Shared so that every ``info``-style view (apps, services...) lays a record out alike.
+    """
+    console.print(title)
+    for line in lines:
+        if line:
+            console.print(f"  {line}")
+
+
+def tags_line(d: dict[str, Any]) -> str | None:
+    """The ``tags: a, b`` line of a record, or None if it has no tags."""
+    return f"tags: {', '.join(d['tags'])}" if d.get("tags") else None
+
+
+def show_written(d: dict[str, Any]) -> None:
+    """Human view of a download/export result (``{"file": ..., "bytes": ...}``)."""
+    console.print(f"wrote {d['file']} ({d['bytes']} bytes)")
+
+
 def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Map CloudletError to a clear message and its exit code; Ctrl-C to exit code 130."""
 

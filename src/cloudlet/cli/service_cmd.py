@@ -7,7 +7,16 @@ from typing import Any
 
 import typer
 
-from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, table
+from cloudlet.cli.common import (
+    JsonOpt,
+    console,
+    detail,
+    emit,
+    handle_errors,
+    show_written,
+    table,
+    tags_line,
+)
 from cloudlet.cli.vm_cmd import parse_memory
 from cloudlet.client.connect import ServerOpt, connect
 
@@ -17,14 +26,13 @@ app = typer.Typer(
 
 
 def show_service(d: dict[str, Any]) -> None:
-    console.print(f"[bold]{d['service_id']}[/] {d['version']}  {d['description']}")
-    console.print(
-        f"  base {d['base']}  overlay {d['overlay']}  ports {d['guest_ports']}  "
+    detail(
+        f"[bold]{d['service_id']}[/] {d['version']}  {d['description']}",
+        f"base {d['base']}  overlay {d['overlay']}  ports {d['guest_ports']}  "
         f"memory {d['memory_min_mib']}-{d['memory_ideal_mib']} MiB  cpus {d['cpus']}  "
-        f"max users {d['max_users']}"
+        f"max users {d['max_users']}",
+        tags_line(d),
     )
-    if d.get("tags"):
-        console.print(f"  tags: {', '.join(d['tags'])}")
 
 
 def _fields(**kw: Any) -> dict[str, Any]:
@@ -138,7 +146,7 @@ def export(
 ) -> None:
     """Write a service (metadata and overlay) as one package file."""
     d = connect(server).export_service(service_id, output)
-    emit(d, as_json, lambda d: console.print(f"wrote {d['file']} ({d['bytes']} bytes)"))
+    emit(d, as_json, show_written)
 
 
 @app.command("import")
