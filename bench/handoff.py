@@ -580,12 +580,13 @@ def handoff_run(
     out["engine_bytes"] = rep["bytes_on_wire"]
     out["rounds"] = [
         {k: r_[k] for k in ("round", "final", "memory_pages", "disk_pages", "raw_bytes",
-                            "wire_bytes", "seconds")}
+                            "wire_bytes", "devstate_wire_bytes", "throttle", "seconds")}
         for r_ in rep["rounds"]
     ]  # fmt: skip
     out["compression"] = {
         k: rep["compression"][k] for k in ("current", "link_mbps", "changes", "estimates")
     }
+    out["throttle"] = rep.get("throttle", [])
     dest = rep["destination"]
     if guest.dirty:
         after = dirtier_progress(bench.b.paths, dest["vm"])
@@ -1134,7 +1135,7 @@ def main() -> int:
     ap.add_argument("--dirty-mb-s", type=float, default=5.0, help="the dirtier's rate")
     ap.add_argument("--dirty-warmup", type=float, default=5.0)
     ap.add_argument("--downtime-target", type=float, default=1.0)
-    ap.add_argument("--max-rounds", type=int, default=8)
+    ap.add_argument("--max-rounds", type=int, default=12)
     ap.add_argument("--handoff-timeout", type=float, default=1800)
     ap.add_argument("--no-follow", dest="follow", action="store_false")
     ap.add_argument("--follow-schedule", default="0:5,20:25,50:5",
