@@ -72,14 +72,14 @@ class HandoffManager:
 
             raise InvalidInputError(f"invalid destination URL {to!r}", hint="e.g. http://HOST:9999")
         with self.catalog.session() as s:
-            r = self.instances._row(s, iid)
+            r = self.instances.row(s, iid)
             if r.state == MOVING:
                 raise ConflictError(f"instance {iid} is already being handed off")
             if r.state != RUNNING or not r.vm_id:
                 raise ConflictError(f"instance {iid} is {r.state}; only a running one can move")
             r.state = MOVING
             vm_id, sid = r.vm_id, r.service_id
-            users = self.instances._users(s, iid)
+            users = self.instances.users(s, iid)
         op = self.runner.submit(
             "instance.handoff",
             lambda ctx: self._run(ctx, iid, vm_id, sid, users, to, token, options),

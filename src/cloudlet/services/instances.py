@@ -143,11 +143,15 @@ class InstanceManager:
         registry.on_change.append(self.forget_service)
 
     # -- queries -------------------------------------------------------------------------
-    def _users(self, s: Any, iid: str) -> list[str]:
+    # ``row``/``users`` take the caller's session so that a read and the change it decides
+    # (e.g. the handoff source marking an instance moving) happen in one transaction.
+    def users(self, s: Any, iid: str) -> list[str]:
+        """The users of instance ``iid`` in session ``s``, in the order they joined."""
         q = select(InstanceUserRow.user).where(InstanceUserRow.instance_id == iid)
         return list(s.scalars(q.order_by(InstanceUserRow.joined)))
 
-    def _row(self, s: Any, iid: str) -> InstanceRow:
+    def row(self, s: Any, iid: str) -> InstanceRow:
+        """The catalog row of instance ``iid`` in session ``s``; NotFoundError if none."""
         r = s.get(InstanceRow, _check_instance_id(iid))
         if r is None:
             raise NotFoundError(f"no instance {iid!r}", hint="see `cloudlet instance list`")
@@ -155,8 +159,8 @@ class InstanceManager:
 
     def get(self, iid: str) -> dict[str, Any]:
         with self.catalog.session() as s:
-            r = self._row(s, iid)
-            return instance_dict(r, self._users(s, iid))
+            r = self.row(s, iid)
+            return instance_dict(r, self.users(s, iid))
 
     def list(self, *, service: str | None = None, all: bool = False) -> list[dict[str, Any]]:
         with self.catalog.session() as s:
@@ -261,9 +265,9 @@ class InstanceManager:
                 target=f"instances/{iid}",
             )
             with self.catalog.session() as s:
-                r = self._row(s, iid)
+                r = self.row(s, iid)
                 r.operation_id = op
-                d = instance_dict(r, self._users(s, iid))
+                d = instance_dict(r, self.users(s, iid))
         return {"instance": d, "user": user, "joined": False, "operation": op}
 
     def _join(self, sid: str, user: str) -> dict[str, Any] | None:
@@ -330,7 +334,7 @@ class InstanceManager:
 
         t0 = time.monotonic()
         with self.catalog.session() as s:
-            sid = self._row(s, iid).service_id
+            sid = self.row(s, iid).service_id
         svc = self.registry.get(sid)
         bases = BaseStore(self.paths)
         base = bases.get(svc["base"])
@@ -347,7 +351,7 @@ class InstanceManager:
                 base.boot_source(), base.hardware, forwards=fwd, name=f"{VM_PREFIX}{iid}"
             )
         with self.catalog.session() as s:
-            self._row(s, iid).vm_id = vm.id
+            self.row(s, iid).vm_id = vm.id
         try:
             if vm.state in (VMState.SUSPENDED, VMState.PAUSED):
                 kind = "cached"  # a standby VM: the cached snapshot, resumed ahead
@@ -424,12 +428,12 @@ class InstanceManager:
             if f.host
         }
         with self.catalog.session() as s:
-            r = self._row(s, iid)
+            r = self.row(s, iid)
             if r.state != STARTING:  # stopped while it booted: do not resurrect it
                 raise asyncio.CancelledError()
             r.state, r.endpoints, r.start_kind = RUNNING, endpoints, kind
             r.timings, r.ready_at, r.last_active = timings, now(), now()
-            d = instance_dict(r, self._users(s, iid))
+            d = instance_dict(r, self.users(s, iid))
         for cb in self.on_started:
             with contextlib.suppress(Exception):
                 cb(kind, timings, overlay_bytes)
@@ -505,10 +509,10 @@ class InstanceManager:
             return d
         async with self._lock(d["service_id"]):
             with self.catalog.session() as s:
-                r = self._row(s, iid)
+                r = self.row(s, iid)
                 state, vm_id, op = r.state, r.vm_id, r.operation_id
                 if state in (STOPPED, FAILED):
-                    return instance_dict(r, self._users(s, iid))
+                    return instance_dict(r, self.users(s, iid))
                 r.state = STOPPING
         if state == STARTING and op:
             with contextlib.suppress(ConflictError, NotFoundError):
@@ -516,12 +520,12 @@ class InstanceManager:
             with contextlib.suppress(Exception):
                 await self.runner.wait(op, 30)
         with self.catalog.session() as s:
-            vm_id = self._row(s, iid).vm_id or vm_id
+            vm_id = self.row(s, iid).vm_id or vm_id
         if vm_id:
             with contextlib.suppress(NotFoundError):
                 await self.vms.delete(vm_id, force=True)
         with self.catalog.session() as s:
-            r = self._row(s, iid)
+            r = self.row(s, iid)
             r.state, r.stopped_at = STOPPED, now()
             s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
             return instance_dict(r, [])
@@ -529,14 +533,14 @@ class InstanceManager:
     def leave(self, iid: str, user: str) -> dict[str, Any]:
         """Remove ``user`` from an instance; with no users left it idles until reaped."""
         with self.catalog.session() as s:
-            r = self._row(s, iid)
+            r = self.row(s, iid)
             u = s.get(InstanceUserRow, (iid, user))
             if u is None:
                 raise NotFoundError(f"user {user!r} is not in instance {iid}")
             s.delete(u)
             r.last_active = now()
             s.flush()
-            return instance_dict(r, self._users(s, iid))
+            return instance_dict(r, self.users(s, iid))
 
     # -- background ----------------------------------------------------------------------
     async def refresh(self) -> builtins.list[str]:
@@ -599,7 +603,7 @@ class InstanceManager:
 
     def _fail(self, iid: str, why: str) -> None:
         with self.catalog.session() as s:
-            r = self._row(s, iid)
+            r = self.row(s, iid)
             r.state, r.error, r.stopped_at = FAILED, why, now()
             s.execute(delete(InstanceUserRow).where(InstanceUserRow.instance_id == iid))
 
