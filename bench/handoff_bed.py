@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import nettools  # bench/ is on sys.path, also when this file runs as the proxy process
@@ -96,7 +95,7 @@ def remove_stale() -> list[str]:
     return nettools.remove_stale(rf"^({PREFIX}-(\d+)-[ab])\b")
 
 
-class NetPath:
+class NetPath(nettools.Bed):
     """Namespaces A and B, a veth pair between them, ``tbf`` on both ends. A context manager."""
 
     def __init__(self, rate_mbit: float) -> None:
@@ -105,21 +104,7 @@ class NetPath:
         self.veth_a, self.veth_b = f"{PREFIX}{pid}a"[:15], f"{PREFIX}{pid}b"[:15]
         self.rate_mbit = rate_mbit
         self._made: list[str] = []
-        self._old_handlers: dict[int, Any] = {}
-
-    def __enter__(self) -> NetPath:
-        self._old_handlers = nettools.trap_exit_signals()
-        try:
-            self.open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        self._old_handlers = {}
 
     def open(self) -> None:
         remove_stale()
@@ -139,7 +124,7 @@ class NetPath:
         for ns in reversed(self._made):
             nettools.delete_netns(ns)
         self._made.clear()
-        nettools.restore_signals(self._old_handlers)
+        self.restore_signals()
 
     def set_rate(self, rate_mbit: float) -> None:
         """Change the rate of both directions now (``tc qdisc change``)."""

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import httpx
 
@@ -43,7 +41,7 @@ def remove_stale() -> list[str]:
     return nettools.remove_stale(rf"^({PREFIX}-(\d+))\b")
 
 
-class NetBed:
+class NetBed(nettools.Bed):
     """Namespace + veth + tbf both ways + HTTP server; a context manager that cleans up."""
 
     def __init__(self, served: Path, rate_mbit: float | None = 38.0, port: int = PORT) -> None:
@@ -56,23 +54,9 @@ class NetBed:
         self.veth_ns = f"clb{pid}n"[:15]
         self.server: subprocess.Popen[bytes] | None = None
         self._created = False
-        self._old_handlers: dict[int, Any] = {}
+        self._old_handlers = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> NetBed:
-        self._old_handlers = nettools.trap_exit_signals()
-        try:
-            self.open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def open(self) -> None:
         remove_stale()
         self.served.mkdir(parents=True, exist_ok=True)
@@ -116,7 +100,7 @@ class NetBed:
             # The host end normally vanishes with its peer; make sure.
             subprocess.run(["ip", "link", "del", self.veth_host], capture_output=True, check=False)
             self._created = False
-        nettools.restore_signals(self._old_handlers)
+        self.restore_signals()
 
     # -- use ---------------------------------------------------------------------------------
     def url(self, rel: str) -> str:

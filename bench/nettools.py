@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from cloudlet.util.procs import pid_alive
 
@@ -83,3 +84,38 @@ def restore_signals(old: dict[int, Any]) -> None:
     for s, h in old.items():
         signal.signal(s, h)
     old.clear()
+
+
+class Bed:
+    """Base of a test bed that is a context manager: ``open`` on entry, ``close`` always.
+
+    SIGTERM/SIGHUP are turned into SystemExit while it is open, so a killed bench still runs
+    ``close`` and leaves no namespaces behind; ``close`` must undo a partial ``open`` and
+    call :meth:`restore_signals`.
+    """
+
+    _old_handlers: dict[int, Any]
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def restore_signals(self) -> None:
+        """Put back the signal handlers replaced on entry."""
+        restore_signals(self._old_handlers)
+
+    def __enter__(self) -> Self:
+        self._old_handlers = trap_exit_signals()
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
