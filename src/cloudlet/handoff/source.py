@@ -416,12 +416,13 @@ class HandoffSource:
         try:
             throttle = Throttle(mon, period=self.opts.throttle_period_s)
             try:
-                await self._precopy(vm, enc, session, throttle)
+                try:
+                    await self._precopy(vm, enc, session, throttle)
+                finally:
+                    await throttle.close()  # the VM runs again; the pause below is the real one
             except BaseException:
-                await throttle.close()
                 await self.link.abort(session)
                 raise
-            await throttle.close()  # the VM runs again; the pause below is the real one
             return await self._stop_and_copy(vm, enc, session, mon)
         finally:
             with contextlib.suppress(Exception):
