@@ -15,6 +15,8 @@ can clean up after.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -36,17 +38,18 @@ from cloudlet.overlay.format import (
     Kind,
     OverlayReader,
     Payload,
+    RecordArrays,
     RecordLimits,
     file_chunks,
     iter_records,
+    record_arrays,
 )
 from cloudlet.overlay.qcow2 import CLUSTER, Qcow2Writer
-from cloudlet.util.sparse import copy_sparse, pwrite_all, zero_range
+from cloudlet.util.sparse import copy_sparse, pwrite_all, pwritev_all, zero_range
 
 Progress = Callable[[str, int, int], None]
 OUTPUT_FILES = ("memory.ram", "disk.qcow2", "devstate")  # rename order: devstate last
 _ZERO_PAGE = bytes(PAGE)
-_ZERO_CLUSTER = bytes(CLUSTER)
 
 
 @dataclass
@@ -72,80 +75,78 @@ class ApplyStats:
         return d
 
 
-def _pad(data: bytes, n: int) -> bytes:
-    return data if len(data) == n else data + bytes(n - len(data))
+class _PageFile:
+    """Page or cluster gathers (numpy fancy indexing) from a file mapped read-only.
 
-
-def _xor(a: bytes, b: bytes | memoryview) -> bytes:
-    return np.bitwise_xor(np.frombuffer(a, np.uint64), np.frombuffer(b, np.uint64)).tobytes()
-
-
-class DiskBuilder:
-    """Page writes onto a qcow2 being written, one cluster buffered at a time.
-
-    A guest cluster starts as whatever it reads now (the base disk if untouched), gets its
-    pages patched, and is written whole when the next cluster is touched: overlays list pages
-    in ascending order, so each cluster is written once. An all-zero cluster becomes a v3 zero
-    cluster instead of data.
+    Reading through a mapping allocates nothing, so writes still all go through ``pwrite``;
+    it could only fault if the file shrank under us, and ours are never truncated (bases are
+    read-only). Units past the end of the file read as zeros; a partial last one is padded.
     """
 
-    def __init__(self, writer: Qcow2Writer, base_fd: int, base_size: int) -> None:
-        self.w = writer
-        self.base_fd = base_fd
-        self.base_size = base_size
-        self.cur = -1
-        self.buf = bytearray(CLUSTER)
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        mapped = size // PAGE * PAGE
+        self._mm = mmap.mmap(fd, mapped, mmap.MAP_SHARED, mmap.PROT_READ) if mapped else None
+        self._u8 = np.frombuffer(self._mm, np.uint8) if self._mm else np.zeros(0, np.uint8)
 
-    def base_page(self, page: int) -> bytes:
-        off = page * PAGE
-        return _pad(os.pread(self.base_fd, PAGE, off) if off < self.base_size else b"", PAGE)
+    def gather(self, idx: np.ndarray, unit: int = PAGE) -> np.ndarray:
+        """``(len(idx), unit)`` array: unit ``idx[i]`` of the file in row ``i`` (a copy)."""
+        full = len(self._u8) // unit
+        view = self._u8[: full * unit].reshape(full, unit)
+        if len(idx) == 0 or int(idx.max()) < full:
+            return view[idx]
+        out = np.zeros((len(idx), unit), np.uint8)
+        inside = idx < full
+        out[inside] = view[idx[inside]]
+        for n in np.flatnonzero(~inside).tolist():
+            off = int(idx[n]) * unit
+            if off < self.size:
+                data = os.pread(self.fd, unit, off)
+                out[n, : len(data)] = np.frombuffer(data, np.uint8)
+        return out
 
-    def _load(self, c: int) -> None:
-        self.flush()
-        content = self.w.read_cluster(c)
-        if content is None:
-            off = c * CLUSTER
-            base = os.pread(self.base_fd, CLUSTER, off) if off < self.base_size else b""
-            content = _pad(base, CLUSTER)
-        self.buf[:] = content
-        self.cur = c
+    def close(self) -> None:
+        self._u8 = np.zeros(0, np.uint8)
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
 
-    def flush(self) -> None:
-        if self.cur < 0:
-            return
-        c, self.cur = self.cur, -1
-        if self.buf == _ZERO_CLUSTER:
-            self.w.zero_clusters(c, c + 1)
+
+_MEM_BATCH = 4096  # records per batch: at most 16 MiB of computed pages at a time
+_DISK_BATCH = 1024  # disk: also at most 64 MiB of cluster buffers
+_PPC = PAGES_PER_CLUSTER
+_ZERO_PAGES = np.zeros((1, PAGE), np.uint8)
+
+
+def _arrays_from(records: Iterable[tuple[Payload, int, int, memoryview]]) -> RecordArrays:
+    """Records as :func:`iter_records` yields them, as arrays (their pages copied once)."""
+    ptypes: list[int] = []
+    targets: list[int] = []
+    args: list[int] = []
+    rows: list[int] = []
+    datas: list[bytes | memoryview] = []
+    for ptype, target, arg, data in records:
+        ptypes.append(ptype)
+        targets.append(target)
+        args.append(arg)
+        if len(data):
+            if len(data) != PAGE:
+                raise ValueError(f"page data of {len(data)} bytes")
+            rows.append(len(datas))
+            datas.append(data)
         else:
-            self.w.write_cluster(c, self.buf)
-
-    def write_page(self, page: int, data: bytes | memoryview) -> None:
-        c, k = divmod(page, PAGES_PER_CLUSTER)
-        if c != self.cur:
-            self._load(c)
-        self.buf[k * PAGE : (k + 1) * PAGE] = data
-
-    def read_page(self, page: int) -> bytes:
-        c, k = divmod(page, PAGES_PER_CLUSTER)
-        if c == self.cur:
-            return bytes(self.buf[k * PAGE : (k + 1) * PAGE])
-        content = self.w.read_cluster(c)
-        if content is None:
-            return self.base_page(page)
-        return content[k * PAGE : (k + 1) * PAGE]
-
-    def zero_pages(self, first: int, count: int) -> None:
-        end = first + count
-        c0, c1 = -(-first // PAGES_PER_CLUSTER), end // PAGES_PER_CLUSTER
-        if c0 < c1:
-            if c0 <= self.cur < c1:
-                self.cur = -1  # its content is about to be zero anyway
-            self.w.zero_clusters(c0, c1)
-            edges = [*range(first, c0 * PAGES_PER_CLUSTER), *range(c1 * PAGES_PER_CLUSTER, end)]
-        else:
-            edges = list(range(first, end))
-        for p in edges:
-            self.write_page(p, _ZERO_PAGE)
+            rows.append(-1)
+    blob = b"".join(datas)
+    return RecordArrays(
+        ptype=np.array(ptypes, np.uint8),
+        target=np.array(targets, np.int64),
+        arg=np.array(args, np.int64),
+        data=np.array(rows, np.int64),
+        pages=np.frombuffer(blob, np.uint8).reshape(-1, PAGE),
+        buf=memoryview(blob),
+        scale=PAGE,
+    )
 
 
 class Sizes(Protocol):
@@ -160,6 +161,13 @@ class RecordApplier:
     """Holds the open files of one apply and turns records into writes.
 
     Shared by overlay apply and the handoff destination: both receive the same records.
+    Records are applied in batches of up to a few thousand, with numpy rather than one
+    Python step per page: a batch reads what its references need (base files and the new
+    RAM through read-only mappings, in-batch references resolved to the record they point
+    at), then writes each page's final content once: memory as one ``pwritev`` per run of
+    consecutive pages, disk as whole clusters (a cluster starts as what it reads now: the
+    base, or the layer's own data) appended in the order they were first touched. The result
+    is what applying the records one by one gives, byte for byte.
     """
 
     def __init__(self, manifest: Sizes, base: BaseRef, parts: dict[str, Path], backing: str):
@@ -175,7 +183,10 @@ class RecordApplier:
         self.base_disk_size = os.fstat(self.base_disk_fd).st_size
         self.mem_fd = -1
         self.dev_fd = -1
-        self.disk: DiskBuilder | None = None
+        self.maps: list[_PageFile] = []
+        self.base_ram: _PageFile  # mapped by start()
+        self.base_disk: _PageFile
+        self.new_ram: _PageFile
         self.counts: dict[tuple[Kind, Payload], int] = {}
 
     def _open(self, path: Path, flags: int) -> int:
@@ -183,68 +194,237 @@ class RecordApplier:
         self.fds.append(fd)
         return fd
 
+    def _map(self, fd: int, size: int) -> _PageFile:
+        pf = _PageFile(fd, size)
+        self.maps.append(pf)
+        return pf
+
     def start(self) -> int:
         """Create the outputs; returns the number of base RAM bytes copied."""
         self.step = "copying the base RAM"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
         self.mem_fd = self._open(self.parts["memory.ram"], flags)
         copied = copy_sparse(self.base_ram_fd, self.mem_fd, self.m.memory_size)
+        self.step = "mapping the base and the new RAM"
+        self.base_ram = self._map(self.base_ram_fd, os.fstat(self.base_ram_fd).st_size)
+        self.base_disk = self._map(self.base_disk_fd, self.base_disk_size)
+        self.new_ram = self._map(self.mem_fd, self.m.memory_size)
         self.step = "creating the device state file"
         self.dev_fd = self._open(self.parts["devstate"], flags)
         os.ftruncate(self.dev_fd, self.m.devstate_size)
         self.step = "creating the disk layer"
         self.writer = Qcow2Writer(self.parts["disk.qcow2"], self.m.disk_size, backing=self.backing)
-        self.disk = DiskBuilder(self.writer, self.base_disk_fd, self.base_disk_size)
         return copied
 
     def apply(self, kind: Kind, records: Iterable[tuple[Payload, int, int, memoryview]]) -> None:
-        counts = self.counts
+        """Apply records as :func:`iter_records` yields them (checked), in order."""
         if kind is Kind.DEVSTATE:
             self.step = "writing the device state"
+            counts = self.counts
             for ptype, target, _arg, data in records:
                 pwrite_all(self.dev_fd, data, target)
                 counts[kind, ptype] = counts.get((kind, ptype), 0) + 1
             return
-        disk = self.disk
-        assert disk is not None
-        mem_fd, base_ram_fd = self.mem_fd, self.base_ram_fd
-        if kind is Kind.MEMORY:
-            self.step = "writing memory pages"
+        self.apply_arrays(kind, _arrays_from(records))
+
+    def apply_segment(
+        self, kind: Kind, raw: bytes, count: int, limits: RecordLimits, seq: int
+    ) -> None:
+        """Check and apply one decoded segment; its records are parsed as arrays."""
+        if kind is Kind.DEVSTATE:
+            self.apply(kind, iter_records(kind, raw, count, limits, seq))
         else:
-            self.step = "writing disk clusters"
-        for ptype, target, arg, data in records:
-            counts[kind, ptype] = counts.get((kind, ptype), 0) + 1
-            if ptype == Payload.ZERO:
-                if kind is Kind.MEMORY:
-                    zero_range(mem_fd, target * PAGE, arg * PAGE)
-                else:
-                    disk.zero_pages(target, arg)
-                continue
-            page: bytes | memoryview
-            if ptype == Payload.LITERAL:
-                page = data
-            elif ptype == Payload.XOR:
-                if kind is Kind.MEMORY:
-                    page = _xor(os.pread(base_ram_fd, PAGE, target * PAGE), data)
-                else:
-                    page = _xor(disk.base_page(target), data)
-            elif ptype == Payload.BASE_MEM:
-                page = _pad(os.pread(base_ram_fd, PAGE, arg * PAGE), PAGE)
-            elif ptype == Payload.BASE_DISK:
-                page = disk.base_page(arg)
-            elif ptype == Payload.SELF_MEM:
-                page = _pad(os.pread(mem_fd, PAGE, arg * PAGE), PAGE)
-            else:  # SELF_DISK (iter_records rejects unknown types)
-                page = disk.read_page(arg)
-            if kind is Kind.MEMORY:
-                pwrite_all(mem_fd, page, target * PAGE)
-            else:
-                disk.write_page(target, page)
+            self.apply_arrays(kind, record_arrays(kind, raw, count, limits, seq))
+
+    def apply_arrays(self, kind: Kind, r: RecordArrays) -> None:
+        """Apply checked memory or disk records, in batches cut at zero runs."""
+        self.step = "writing memory pages" if kind is Kind.MEMORY else "writing disk clusters"
+        n = len(r)
+        for p, c in enumerate(np.bincount(r.ptype, minlength=len(Payload)).tolist()):
+            if c:
+                key = (kind, Payload(p))
+                self.counts[key] = self.counts.get(key, 0) + c
+        limit = _MEM_BATCH if kind is Kind.MEMORY else _DISK_BATCH
+        a = 0
+        for z in [*np.flatnonzero(r.ptype == Payload.ZERO).tolist(), n]:
+            while a < z:
+                b = min(a + limit, z)
+                if kind is Kind.DISK:  # end on a cluster boundary (targets usually ascend)
+                    cl = r.target[b - 1] // _PPC
+                    stop = min(b + limit, z)
+                    while b < stop and r.target[b] // _PPC == cl:
+                        b += 1
+                self._batch(kind, r, a, b)
+                a = b
+            if z < n:
+                self._zero(kind, int(r.target[z]), int(r.arg[z]))
+            a = z + 1
+
+    def _zero(self, kind: Kind, first: int, count: int) -> None:
+        if kind is Kind.MEMORY:
+            zero_range(self.mem_fd, first * PAGE, count * PAGE)
+            return
+        assert self.writer is not None
+        end = first + count
+        c0, c1 = -(-first // _PPC), end // _PPC
+        if c0 < c1:
+            self.writer.zero_clusters(c0, c1)
+            edges = [*range(first, c0 * _PPC), *range(c1 * _PPC, end)]
+        else:
+            edges = list(range(first, end))
+        if edges:  # zero pages of partly covered clusters: literal writes of a zero page
+            k = len(edges)
+            zr = RecordArrays(
+                ptype=np.full(k, Payload.LITERAL, np.uint8),
+                target=np.array(edges, np.int64),
+                arg=np.zeros(k, np.int64),
+                data=np.zeros(k, np.int64),
+                pages=_ZERO_PAGES,
+                buf=memoryview(_ZERO_PAGE),
+                scale=0,
+            )
+            self._batch(Kind.DISK, zr, 0, k)
+
+    def _disk_page(self, page: int) -> np.ndarray:
+        """The disk's current content of one page (the layer's own, or the base's)."""
+        assert self.writer is not None
+        c, k = divmod(page, _PPC)
+        content = self.writer.read_cluster(c)
+        if content is None:
+            return self.base_disk.gather(np.array([page], np.int64))[0]
+        return np.frombuffer(content, np.uint8, PAGE, k * PAGE)
+
+    def _compute(self, kind: Kind, ptype: int, r: RecordArrays, rows: np.ndarray) -> np.ndarray:
+        """Content of the pages that records ``rows`` (all of type ``ptype``) write."""
+        if ptype == Payload.XOR:
+            base = self.base_ram if kind is Kind.MEMORY else self.base_disk
+            return np.bitwise_xor(base.gather(r.target[rows]), r.pages[r.data[rows]])
+        if ptype == Payload.BASE_MEM:
+            return self.base_ram.gather(r.arg[rows])
+        if ptype == Payload.BASE_DISK:
+            return self.base_disk.gather(r.arg[rows])
+        if ptype == Payload.SELF_MEM:
+            return self.new_ram.gather(r.arg[rows])
+        assert ptype == Payload.SELF_DISK
+        return np.stack([self._disk_page(p) for p in r.arg[rows].tolist()])
+
+    def _batch(self, kind: Kind, r: RecordArrays, a: int, b: int) -> None:
+        """Apply records ``a .. b-1`` (no zero runs), as if one by one."""
+        n = b - a
+        rows = np.arange(a, b)
+        pt, tg = r.ptype[a:b], r.target[a:b]
+        # A reference to this batch's own space reads the latest earlier record that wrote
+        # the page, if any (chains collapse); otherwise what the file holds now.
+        root = np.arange(n)
+        own_ref = Payload.SELF_MEM if kind is Kind.MEMORY else Payload.SELF_DISK
+        refs = np.flatnonzero(pt == own_ref)
+        if len(refs):
+            keys = np.sort(tg * n + root)
+            want = r.arg[a + refs]
+            at = np.searchsorted(keys, want * n + refs) - 1
+            found = keys[np.maximum(at, 0)]
+            hit = (at >= 0) & (found // n == want)
+            root[refs[hit]] = found[hit] % n
+            while True:
+                nxt = root[root]
+                if np.array_equal(nxt, root):
+                    break
+                root = nxt
+        comp = np.flatnonzero((root == np.arange(n)) & (pt != Payload.LITERAL))
+        tmp = np.empty((len(comp), PAGE), np.uint8)
+        tmp_row = np.full(n, -1, np.int64)
+        tmp_row[comp] = np.arange(len(comp))
+        cpt = pt[comp]
+        for ptype in np.unique(cpt).tolist():
+            sel = cpt == ptype
+            tmp[sel] = self._compute(kind, ptype, r, rows[comp[sel]])
+        # the last record writing each page decides its content
+        uniq, first_rev = np.unique(tg[::-1], return_index=True)
+        src = root[n - 1 - first_rev]
+        is_raw = pt[src] == Payload.LITERAL
+        data_row = r.data[a + src]
+        if kind is Kind.MEMORY:
+            self._write_memory(uniq, is_raw, data_row, tmp_row[src], r, tmp)
+        else:
+            self._write_disk(tg, uniq, is_raw, data_row, tmp_row[src], r, tmp)
+
+    def _write_memory(
+        self,
+        pages: np.ndarray,
+        is_raw: np.ndarray,
+        data_row: np.ndarray,
+        tmp_row: np.ndarray,
+        r: RecordArrays,
+        tmp: np.ndarray,
+    ) -> None:
+        """Write sorted distinct ``pages``: one ``pwritev`` per run of consecutive pages."""
+        buf, sc = r.buf, r.scale
+        tmv = memoryview(tmp).cast("B") if len(tmp) else memoryview(b"")
+        views = [
+            buf[d * sc : d * sc + PAGE] if raw else tmv[t * PAGE : (t + 1) * PAGE]
+            for raw, d, t in zip(is_raw.tolist(), data_row.tolist(), tmp_row.tolist(), strict=True)
+        ]
+        cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), len(pages)]
+        starts = pages.tolist()
+        for s, e in itertools.pairwise(cuts):
+            pwritev_all(self.mem_fd, views[s:e], starts[s] * PAGE)
+
+    def _write_disk(
+        self,
+        targets: np.ndarray,
+        pages: np.ndarray,
+        is_raw: np.ndarray,
+        data_row: np.ndarray,
+        tmp_row: np.ndarray,
+        r: RecordArrays,
+        tmp: np.ndarray,
+    ) -> None:
+        """Patch the touched clusters with the final ``pages`` and write each whole, once."""
+        assert self.writer is not None
+        cu, first = np.unique(targets // _PPC, return_index=True)
+        order = np.argsort(first, kind="stable")
+        clusters = cu[order]  # in the order they were first touched, as one by one would
+        rank = np.empty(len(cu), np.int64)
+        rank[order] = np.arange(len(cu))
+        crow = rank[np.searchsorted(cu, pages // _PPC)]
+        buf = np.empty((len(clusters), CLUSTER), np.uint8)
+        partial = np.flatnonzero(np.bincount(crow, minlength=len(clusters)) < _PPC)
+        if len(partial):
+            buf[partial] = self._clusters_now(clusters[partial])
+        dest = crow * _PPC + pages % _PPC
+        flat = buf.reshape(-1, PAGE)
+        if is_raw.any():
+            flat[dest[is_raw]] = r.pages[data_row[is_raw]]
+        if not is_raw.all():
+            flat[dest[~is_raw]] = tmp[tmp_row[~is_raw]]
+        words = buf.view(np.uint64)
+        maybe_zero = np.flatnonzero(~words[:, :: PAGE // 8].any(axis=1))
+        zero = np.zeros(len(clusters), bool)
+        if len(maybe_zero):
+            zero[maybe_zero] = ~words[maybe_zero].any(axis=1)
+        for c in clusters[zero].tolist():
+            self.writer.zero_clusters(c, c + 1)
+        if zero.any():
+            self.writer.write_clusters(clusters[~zero], buf[~zero])
+        else:
+            self.writer.write_clusters(clusters, buf)
+
+    def _clusters_now(self, cs: np.ndarray) -> np.ndarray:
+        """What guest clusters ``cs`` read now: the layer's own data, zeros, or the base."""
+        assert self.writer is not None
+        out = np.empty((len(cs), CLUSTER), np.uint8)
+        unallocated = self.writer.entries(cs) == 0
+        if unallocated.any():
+            out[unallocated] = self.base_disk.gather(cs[unallocated], CLUSTER)
+        for i in np.flatnonzero(~unallocated).tolist():
+            content = self.writer.read_cluster(int(cs[i]))
+            assert content is not None
+            out[i] = np.frombuffer(content, np.uint8)
+        return out
 
     def finish(self, fsync: bool) -> None:
-        assert self.disk is not None and self.writer is not None
+        assert self.writer is not None
         self.step = "writing the disk layer metadata"
-        self.disk.flush()
         self.writer.finish(fsync=fsync)
         if fsync:
             self.step = "syncing the outputs"
@@ -252,6 +432,9 @@ class RecordApplier:
             os.fsync(self.dev_fd)
 
     def close(self) -> None:
+        for pf in self.maps:
+            pf.close()
+        self.maps = []
         if self.writer is not None:
             self.writer.abort()
         for fd in self.fds:
@@ -341,8 +524,7 @@ def apply_overlay(
             t_dec += t1 - t0
             if seg is None:
                 break
-            recs = iter_records(seg.header.kind, seg.raw, seg.header.records, limits, seg.seq)
-            app.apply(seg.header.kind, recs)
+            app.apply_segment(seg.header.kind, seg.raw, seg.header.records, limits, seg.seq)
             t_app += time.perf_counter() - t1
             stats.segments += 1
             if progress:

@@ -39,7 +39,7 @@ import numpy as np
 
 from cloudlet.hypervisor.qemu import find_tool
 from cloudlet.overlay.errors import Qcow2Error
-from cloudlet.util.sparse import pwrite_all
+from cloudlet.util.sparse import pwrite_all, pwritev_all
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -342,6 +342,53 @@ class Qcow2Writer:
                 os.ftruncate(self.fd, max(os.fstat(self.fd).st_size, off + CLUSTER))
         pwrite_all(self.fd, data, off)
         t[i] = np.uint64(off | OFLAG_COPIED)
+
+    def entries(self, cs: np.ndarray) -> np.ndarray:
+        """The L2 entries (``uint64``; 0 = unallocated) of guest clusters ``cs``."""
+        out = np.zeros(len(cs), np.uint64)
+        if len(cs) == 0:
+            return out
+        if cs.min() < 0 or cs.max() >= self.clusters:
+            raise ValueError(f"cluster outside the disk ({self.clusters} clusters)")
+        tables = cs // self.l2_entries
+        for ti in np.unique(tables).tolist():
+            t = self._l2.get(ti)
+            if t is not None:
+                sel = tables == ti
+                out[sel] = t[cs[sel] % self.l2_entries]
+        return out
+
+    def write_clusters(self, cs: np.ndarray, data: np.ndarray) -> None:
+        """:meth:`write_cluster` for whole clusters ``cs`` (rows of ``data``), in that order.
+
+        New clusters are appended in the order given, so runs of them go to the file in
+        one ``pwritev`` instead of one ``pwrite`` per cluster.
+        """
+        if len(cs) != len(data) or (len(data) and data.shape[1] != CLUSTER):
+            raise ValueError("write_clusters needs one whole cluster per index")
+        if len(cs) == 0:
+            return
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        offs = self.entries(cs) & np.uint64(L2E_OFFSET_MASK)
+        new = offs == 0
+        n_new = int(np.count_nonzero(new))
+        offs[new] = (self._next + np.arange(n_new, dtype=np.uint64)) * np.uint64(CLUSTER)
+        self._next += n_new
+        self.data_clusters += n_new
+        flat = memoryview(data).cast("B")
+        offs_l = offs.tolist()
+        start = 0
+        for i in range(1, len(offs_l) + 1):
+            if i == len(offs_l) or offs_l[i] != offs_l[i - 1] + CLUSTER:
+                bufs = [flat[k * CLUSTER : (k + 1) * CLUSTER] for k in range(start, i)]
+                pwritev_all(self.fd, bufs, offs_l[start])
+                start = i
+        per = self.l2_entries
+        for c, off in zip(cs.tolist(), offs_l, strict=True):
+            t = self._table(c, True)
+            assert t is not None
+            t[c % per] = np.uint64(off | OFLAG_COPIED)
 
     def zero_clusters(self, c0: int, c1: int) -> None:
         """Make guest clusters ``c0 .. c1-1`` read as zeros with the v3 zero flag."""

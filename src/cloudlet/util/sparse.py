@@ -130,6 +130,21 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, off: int) -> None:
         off += n
 
 
+IOV_MAX = 1024  # Linux's limit on buffers per pwritev
+
+
+def pwritev_all(fd: int, bufs: list[memoryview], off: int) -> None:
+    """Write ``bufs`` back to back at ``off``: one ``pwritev`` per 1024 buffers, not one
+    ``pwrite`` each (a short write finishes with :func:`pwrite_all`)."""
+    for i in range(0, len(bufs), IOV_MAX):
+        chunk = bufs[i : i + IOV_MAX]
+        want = sum(len(b) for b in chunk)
+        n = os.pwritev(fd, chunk, off)
+        if n < want:
+            pwrite_all(fd, b"".join(chunk)[n:], off + n)
+        off += want
+
+
 _ZEROS = bytes(1 << 20)
 
 
