@@ -19,7 +19,7 @@ import itertools
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from cloudlet.overlay.format import (
     Payload,
     RecordArrays,
     RecordLimits,
+    Segment,
     file_chunks,
     iter_records,
     record_arrays,
@@ -89,13 +90,19 @@ class _PageFile:
         self._mm = mmap.mmap(fd, mapped, mmap.MAP_SHARED, mmap.PROT_READ) if mapped else None
         self._u8 = np.frombuffer(self._mm, np.uint8) if self._mm else np.zeros(0, np.uint8)
 
-    def gather(self, idx: np.ndarray, unit: int = PAGE) -> np.ndarray:
-        """``(len(idx), unit)`` array: unit ``idx[i]`` of the file in row ``i`` (a copy)."""
+    def gather(
+        self, idx: np.ndarray, unit: int = PAGE, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Unit ``idx[i]`` of the file in row ``i`` of ``out`` (or of a new array)."""
         full = len(self._u8) // unit
         view = self._u8[: full * unit].reshape(full, unit)
-        if len(idx) == 0 or int(idx.max()) < full:
-            return view[idx]
-        out = np.zeros((len(idx), unit), np.uint8)
+        if out is None:
+            out = np.empty((len(idx), unit), np.uint8)
+        if len(idx) == 0:
+            return out
+        if int(idx.max()) < full:  # ("clip": a checked index needs no buffered copy)
+            return np.take(view, idx, axis=0, out=out, mode="clip")
+        out[:] = 0
         inside = idx < full
         out[inside] = view[idx[inside]]
         for n in np.flatnonzero(~inside).tolist():
@@ -184,6 +191,7 @@ class RecordApplier:
         self.mem_fd = -1
         self.dev_fd = -1
         self.maps: list[_PageFile] = []
+        self._scratch_bufs: dict[str, np.ndarray] = {}
         self.base_ram: _PageFile  # mapped by start()
         self.base_disk: _PageFile
         self.new_ram: _PageFile
@@ -193,6 +201,15 @@ class RecordApplier:
         fd = os.open(path, flags, 0o644)
         self.fds.append(fd)
         return fd
+
+    def _scratch(self, name: str, rows: int, unit: int) -> np.ndarray:
+        """A ``(rows, unit)`` work array reused from batch to batch: a new one per batch
+        would cost a page fault per 4 KiB each time (expensive on this nested-VM host)."""
+        buf = self._scratch_bufs.get(name)
+        if buf is None or len(buf) < rows * unit:
+            buf = np.empty(max(rows * unit, 1 << 20), np.uint8)
+            self._scratch_bufs[name] = buf
+        return buf[: rows * unit].reshape(rows, unit)
 
     def _map(self, fd: int, size: int) -> _PageFile:
         pf = _PageFile(fd, size)
@@ -294,19 +311,24 @@ class RecordApplier:
             return self.base_disk.gather(np.array([page], np.int64))[0]
         return np.frombuffer(content, np.uint8, PAGE, k * PAGE)
 
-    def _compute(self, kind: Kind, ptype: int, r: RecordArrays, rows: np.ndarray) -> np.ndarray:
-        """Content of the pages that records ``rows`` (all of type ``ptype``) write."""
+    def _compute(
+        self, kind: Kind, ptype: int, r: RecordArrays, rows: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Into ``out``: the pages that records ``rows`` (all of type ``ptype``) write."""
         if ptype == Payload.XOR:
             base = self.base_ram if kind is Kind.MEMORY else self.base_disk
-            return np.bitwise_xor(base.gather(r.target[rows]), r.pages[r.data[rows]])
-        if ptype == Payload.BASE_MEM:
-            return self.base_ram.gather(r.arg[rows])
-        if ptype == Payload.BASE_DISK:
-            return self.base_disk.gather(r.arg[rows])
-        if ptype == Payload.SELF_MEM:
-            return self.new_ram.gather(r.arg[rows])
-        assert ptype == Payload.SELF_DISK
-        return np.stack([self._disk_page(p) for p in r.arg[rows].tolist()])
+            base.gather(r.target[rows], out=out)
+            np.bitwise_xor(out, r.pages[r.data[rows]], out=out)
+        elif ptype == Payload.BASE_MEM:
+            self.base_ram.gather(r.arg[rows], out=out)
+        elif ptype == Payload.BASE_DISK:
+            self.base_disk.gather(r.arg[rows], out=out)
+        elif ptype == Payload.SELF_MEM:
+            self.new_ram.gather(r.arg[rows], out=out)
+        else:
+            assert ptype == Payload.SELF_DISK
+            for i, p in enumerate(r.arg[rows].tolist()):
+                out[i] = self._disk_page(p)
 
     def _batch(self, kind: Kind, r: RecordArrays, a: int, b: int) -> None:
         """Apply records ``a .. b-1`` (no zero runs), as if one by one."""
@@ -331,13 +353,14 @@ class RecordApplier:
                     break
                 root = nxt
         comp = np.flatnonzero((root == np.arange(n)) & (pt != Payload.LITERAL))
-        tmp = np.empty((len(comp), PAGE), np.uint8)
+        comp = comp[np.argsort(pt[comp], kind="stable")]  # one slice of tmp per type
+        tmp = self._scratch("pages", len(comp), PAGE)
         tmp_row = np.full(n, -1, np.int64)
         tmp_row[comp] = np.arange(len(comp))
         cpt = pt[comp]
-        for ptype in np.unique(cpt).tolist():
-            sel = cpt == ptype
-            tmp[sel] = self._compute(kind, ptype, r, rows[comp[sel]])
+        cuts = [0, *(np.flatnonzero(np.diff(cpt)) + 1).tolist(), len(comp)] if len(comp) else []
+        for s, e in itertools.pairwise(cuts):
+            self._compute(kind, int(cpt[s]), r, rows[comp[s:e]], tmp[s:e])
         # the last record writing each page decides its content
         uniq, first_rev = np.unique(tg[::-1], return_index=True)
         src = root[n - 1 - first_rev]
@@ -387,7 +410,7 @@ class RecordApplier:
         rank = np.empty(len(cu), np.int64)
         rank[order] = np.arange(len(cu))
         crow = rank[np.searchsorted(cu, pages // _PPC)]
-        buf = np.empty((len(clusters), CLUSTER), np.uint8)
+        buf = self._scratch("clusters", len(clusters), CLUSTER)
         partial = np.flatnonzero(np.bincount(crow, minlength=len(clusters)) < _PPC)
         if len(partial):
             buf[partial] = self._clusters_now(clusters[partial])
@@ -396,7 +419,13 @@ class RecordApplier:
         if is_raw.any():
             flat[dest[is_raw]] = r.pages[data_row[is_raw]]
         if not is_raw.all():
-            flat[dest[~is_raw]] = tmp[tmp_row[~is_raw]]
+            used = tmp_row[~is_raw]
+            if len(used) == len(tmp) and len(np.unique(used)) == len(used):
+                at = np.empty(len(tmp), np.int64)  # each computed page used once:
+                at[used] = dest[~is_raw]  # scatter tmp as it is, no gathered copy
+                flat[at] = tmp
+            else:
+                flat[dest[~is_raw]] = tmp[used]
         words = buf.view(np.uint64)
         maybe_zero = np.flatnonzero(~words[:, :: PAGE // 8].any(axis=1))
         zero = np.zeros(len(clusters), bool)
@@ -510,13 +539,14 @@ def apply_overlay(
     total += m.segments_length + TRAILER.size
     renamed: list[Path] = []
     app: RecordApplier | None = None
+    segs: Iterator[Segment] | None = None
     try:
         app = RecordApplier(m, base, parts, backing)
         t0 = time.perf_counter()
         stats.base_ram_bytes_copied = app.start()
         stats.seconds["copy_base"] = time.perf_counter() - t0
         t_dec = t_app = 0.0
-        segs = reader.segments()
+        segs = reader.segments(ahead=True)
         while True:
             t0 = time.perf_counter()
             seg = next(segs, None)
@@ -550,6 +580,8 @@ def apply_overlay(
                 os.close(dfd)
         stats.seconds["finish"] = time.perf_counter() - t0
     except BaseException as e:
+        if segs is not None:
+            segs.close()  # stops its decode worker
         step = app.step if app is not None else "opening the base"
         if app is not None:
             app.close()

@@ -25,6 +25,7 @@ import json
 import re
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -639,7 +640,8 @@ class ByteStream:
                     f"the overlay ends after {self.offset + have} bytes, in the middle of {part}",
                     segment=segment,
                 )
-        out = bytes(self._buf[self._pos : self._pos + n])
+        with memoryview(self._buf) as view:  # one copy (a bytearray slice would be two)
+            out = bytes(view[self._pos : self._pos + n])
         self._pos += n
         self.offset += n
         return out
@@ -691,22 +693,44 @@ class OverlayReader:
             raise OverlayCorrupt("manifest", "format version differs from the header's")
         return self.manifest
 
-    def segments(self) -> Iterator[Segment]:
+    def segments(self, *, ahead: bool = False) -> Iterator[Segment]:
+        """Each segment, verified and decoded, in file order.
+
+        With ``ahead``, a worker thread hashes and decompresses segment N+1 (both release
+        the GIL) while the caller applies segment N; errors still surface in file order.
+        """
         assert self.manifest is not None, "read_head() first"
-        for seq, entry in enumerate(self.manifest.segments):
-            part = f"segment {seq}"
-            data = self._read(entry.length, part, seq)
-            if blake3.blake3(data).hexdigest() != entry.blake3:
-                raise OverlayCorrupt(part, "blake3 hash does not match the manifest", segment=seq)
-            hdr = parse_segment_header(data, entry, seq)
-            body = memoryview(data)[SEGMENT_HEADER.size :]
-            try:
-                raw = codec_by_id(hdr.codec, part=part, segment=seq).decompress(
-                    body, hdr.raw_length
-                )
-            except ValueError as e:
-                raise OverlayCorrupt(part, f"cannot decompress: {e}", segment=seq) from e
-            yield Segment(seq, entry, hdr, raw)
+        entries = list(enumerate(self.manifest.segments))
+        if not ahead:
+            for seq, entry in entries:
+                yield self._decode(seq, entry, self._read(entry.length, f"segment {seq}", seq))
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="overlay-decode") as pool:
+            pending: Future[Segment] | None = None
+            for seq, entry in entries:
+                data = self.stream.read_exact(entry.length, f"segment {seq}", seq)
+                nxt = pool.submit(self._decode, seq, entry, data, whole=True)
+                if pending is not None:
+                    yield pending.result()
+                pending = nxt
+            if pending is not None:
+                yield pending.result()
+
+    def _decode(self, seq: int, entry: SegmentEntry, data: bytes, whole: bool = False) -> Segment:
+        """Check one segment's hash and header and decode it (``whole``: also feed the
+        whole-file hash, which the single worker thread then sees in file order)."""
+        part = f"segment {seq}"
+        if whole:
+            self._whole.update(data)
+        if blake3.blake3(data).hexdigest() != entry.blake3:
+            raise OverlayCorrupt(part, "blake3 hash does not match the manifest", segment=seq)
+        hdr = parse_segment_header(data, entry, seq)
+        body = memoryview(data)[SEGMENT_HEADER.size :]
+        try:
+            raw = codec_by_id(hdr.codec, part=part, segment=seq).decompress(body, hdr.raw_length)
+        except ValueError as e:
+            raise OverlayCorrupt(part, f"cannot decompress: {e}", segment=seq) from e
+        return Segment(seq, entry, hdr, raw)
 
     def finish(self) -> None:
         expect = self._whole.digest()
