@@ -245,7 +245,7 @@ class RecordApplier:
         self.apply_arrays(kind, _arrays_from(records))
 
     def apply_segment(
-        self, kind: Kind, raw: bytes, count: int, limits: RecordLimits, seq: int
+        self, kind: Kind, raw: bytes | memoryview, count: int, limits: RecordLimits, seq: int
     ) -> None:
         """Check and apply one decoded segment; its records are parsed as arrays."""
         if kind is Kind.DEVSTATE:

@@ -34,7 +34,7 @@ import numpy as np
 import zstandard
 
 from cloudlet.errors import CloudletError
-from cloudlet.overlay.codecs import codec_by_id
+from cloudlet.overlay.codecs import NoneCodec, codec_by_id
 from cloudlet.overlay.errors import (
     OverlayCorrupt,
     OverlayFeatureUnsupported,
@@ -241,7 +241,7 @@ class RecordLimits:
 
 
 def iter_records(
-    kind: Kind, raw: bytes, count: int, limits: RecordLimits, seq: int
+    kind: Kind, raw: bytes | memoryview, count: int, limits: RecordLimits, seq: int
 ) -> Iterator[tuple[Payload, int, int, memoryview]]:
     """Yield ``(payload, target, arg, data)`` of a decoded segment, checking every number.
 
@@ -352,7 +352,7 @@ class RecordArrays:
 
 
 def record_arrays(
-    kind: Kind, raw: bytes, count: int, limits: RecordLimits, seq: int
+    kind: Kind, raw: bytes | memoryview, count: int, limits: RecordLimits, seq: int
 ) -> RecordArrays:
     """The records of a decoded memory or disk segment as arrays, every number checked.
 
@@ -661,7 +661,7 @@ class Segment:
     seq: int
     entry: SegmentEntry
     header: SegmentHeader
-    raw: bytes
+    raw: bytes | memoryview  # a view of the stored bytes when the codec is "none"
 
 
 class OverlayReader:
@@ -726,8 +726,11 @@ class OverlayReader:
             raise OverlayCorrupt(part, "blake3 hash does not match the manifest", segment=seq)
         hdr = parse_segment_header(data, entry, seq)
         body = memoryview(data)[SEGMENT_HEADER.size :]
+        codec = codec_by_id(hdr.codec, part=part, segment=seq)
+        if codec.ID == NoneCodec.ID and len(body) == hdr.raw_length:
+            return Segment(seq, entry, hdr, body)  # stored as is: no copy
         try:
-            raw = codec_by_id(hdr.codec, part=part, segment=seq).decompress(body, hdr.raw_length)
+            raw = codec.decompress(body, hdr.raw_length)
         except ValueError as e:
             raise OverlayCorrupt(part, f"cannot decompress: {e}", segment=seq) from e
         return Segment(seq, entry, hdr, raw)
