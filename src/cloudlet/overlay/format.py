@@ -357,27 +357,15 @@ def record_arrays(
     """The records of a decoded memory or disk segment as arrays, every number checked.
 
     Same checks and errors as :func:`iter_records` (which re-walks the segment to name the
-    first bad record when a vectorized check fails), at a fraction of the per-record cost:
-    only the walk over the variable-length headers is a Python loop.
+    first bad record when a vectorized check fails), at a fraction of the per-record cost.
     """
     assert kind is not Kind.DEVSTATE
     end = len(raw)
-    starts = [0] * count
-    pos = 0
-    unpack_len = _RECORD_LENGTH.unpack_from
-    rsize = RECORD.size
-    ok = True
-    try:
-        for n in range(count):
-            starts[n] = pos
-            pos += rsize + unpack_len(raw, pos + 4)[0]
-    except struct.error:
-        ok = False
-    ok = ok and pos == end
-    if ok:
-        st = np.array(starts, dtype=np.int64)
+    st = _record_starts(raw, count)
+    ok = st is not None
+    if st is not None:
         if count:
-            headers = np.ndarray((end - rsize + 1,), _RECORD_DTYPE, raw, 0, (1,))[st]
+            headers = np.ndarray((end - RECORD.size + 1,), _RECORD_DTYPE, raw, 0, (1,))[st]
         else:
             headers = np.zeros(0, _RECORD_DTYPE)
         ok = _records_valid(kind, headers, limits)
@@ -385,9 +373,9 @@ def record_arrays(
         for _ in iter_records(kind, raw, count, limits, seq):  # raises, naming the record
             pass
         raise OverlayCorrupt(f"segment {seq}", "malformed records", segment=seq)
+    assert st is not None
     ptype = headers["ptype"]
-    has_data = headers["length"] != 0
-    data = np.where(has_data, st + rsize, -1)
+    data = np.where(headers["length"] != 0, st + RECORD.size, -1)
     u8 = np.frombuffer(raw, np.uint8)
     if end >= PAGE:
         pages = np.lib.stride_tricks.as_strided(u8, (end - PAGE + 1, PAGE), (1, 1), writeable=False)
@@ -402,6 +390,38 @@ def record_arrays(
         buf=memoryview(raw).cast("B"),
         scale=1,
     )
+
+
+def _record_starts(raw: bytes | memoryview, count: int) -> np.ndarray | None:
+    """Offsets of the ``count`` record headers, or None unless they fill ``raw`` exactly.
+
+    Headers are walked one by one (each length says where the next starts), except runs of
+    data-less records (reference-heavy disk segments are mostly that), which are found with
+    one numpy look at their length fields instead.
+    """
+    end = len(raw)
+    rsize = RECORD.size
+    unpack_len = _RECORD_LENGTH.unpack_from
+    st = np.empty(count, np.int64)
+    pos = n = 0
+    try:
+        while n < count:
+            length = unpack_len(raw, pos + 4)[0]
+            if length == 0 and count - n > 8 and unpack_len(raw, pos + rsize + 4)[0] == 0:
+                k = min(count - n, (end - pos) // rsize, 4096)
+                lengths = np.ndarray((k,), "<u4", raw, pos + 4, (rsize,))
+                nz = np.flatnonzero(lengths)
+                run = int(nz[0]) if len(nz) else k
+                st[n : n + run] = pos + rsize * np.arange(run)
+                n += run
+                pos += rsize * run
+                continue
+            st[n] = pos
+            n += 1
+            pos += rsize + length
+    except (struct.error, ValueError, TypeError):  # a header or length runs past the end
+        return None
+    return st if pos == end else None
 
 
 def _records_valid(kind: Kind, h: np.ndarray, lim: RecordLimits) -> bool:
