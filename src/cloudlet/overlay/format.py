@@ -395,9 +395,9 @@ def record_arrays(
 def _record_starts(raw: bytes | memoryview, count: int) -> np.ndarray | None:
     """Offsets of the ``count`` record headers, or None unless they fill ``raw`` exactly.
 
-    Headers are walked one by one (each length says where the next starts), except runs of
-    data-less records (reference-heavy disk segments are mostly that), which are found with
-    one numpy look at their length fields instead.
+    Each length says where the next header starts; a run of records of one length (pages,
+    or references with no data) is found with one numpy look at the length fields where
+    they would be, instead of one step per record.
     """
     end = len(raw)
     rsize = RECORD.size
@@ -407,14 +407,20 @@ def _record_starts(raw: bytes | memoryview, count: int) -> np.ndarray | None:
     try:
         while n < count:
             length = unpack_len(raw, pos + 4)[0]
-            if length == 0 and count - n > 8 and unpack_len(raw, pos + rsize + 4)[0] == 0:
-                k = min(count - n, (end - pos) // rsize, 4096)
-                lengths = np.ndarray((k,), "<u4", raw, pos + 4, (rsize,))
-                nz = np.flatnonzero(lengths)
-                run = int(nz[0]) if len(nz) else k
-                st[n : n + run] = pos + rsize * np.arange(run)
+            stride = rsize + length
+            if (
+                count - n > 8
+                and pos + 2 * stride + 8 <= end
+                and unpack_len(raw, pos + stride + 4)[0] == length
+                and unpack_len(raw, pos + 2 * stride + 4)[0] == length
+            ):
+                k = min(count - n, (end - pos) // stride, 4096)  # >= 2
+                lengths = np.ndarray((k,), "<u4", raw, pos + 4, (stride,))
+                other = np.flatnonzero(lengths != length)
+                run = int(other[0]) if len(other) else k  # >= 1: lengths[0] == length
+                st[n : n + run] = pos + stride * np.arange(run)
                 n += run
-                pos += rsize * run
+                pos += stride * run
                 continue
             st[n] = pos
             n += 1
