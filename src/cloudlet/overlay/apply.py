@@ -7,9 +7,11 @@ with the download. Outputs are written under hidden ``.NAME.part`` names and ren
 after the trailer (whole-file hash) matched; on any failure they are deleted. ``devstate`` is
 renamed last, so its presence means the set is complete.
 
-Pages are written with ``pwrite``, never through a shared mmap: a write into a hole of an
-mmap on a full filesystem is a SIGBUS that kills the process, a ``pwrite`` is an ENOSPC we
-can clean up after.
+Pages are written with ``pwrite``/``pwritev``, never through a shared mmap: a write into a
+hole of an mmap on a full filesystem is a SIGBUS that kills the process, a ``pwrite`` is an
+ENOSPC we can clean up after. Pages are only *read* through (read-only) mappings, which
+allocate nothing. Records are applied in numpy batches (see :class:`RecordApplier`), not
+one Python step per page: that per-page cost was most of synthesis time.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class _PageFile:
         self.fd, self.size = fd, size
         mapped = size // PAGE * PAGE
         self._mm = mmap.mmap(fd, mapped, mmap.MAP_SHARED, mmap.PROT_READ) if mapped else None
-        self._u8 = np.frombuffer(self._mm, np.uint8) if self._mm else np.zeros(0, np.uint8)
+        self._u8 = (
+            np.frombuffer(self._mm, np.uint8) if self._mm is not None else np.zeros(0, np.uint8)
+        )
 
     def gather(
         self, idx: np.ndarray, unit: int = PAGE, out: np.ndarray | None = None
