@@ -21,7 +21,7 @@ import itertools
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -386,7 +386,7 @@ class RecordApplier:
     ) -> None:
         """Write sorted distinct ``pages``: one ``pwritev`` per run of consecutive pages."""
         buf, sc = r.buf, r.scale
-        tmv = memoryview(tmp).cast("B") if len(tmp) else memoryview(b"")
+        tmv = tmp.data.cast("B") if len(tmp) else memoryview(b"")
         views = [
             buf[d * sc : d * sc + PAGE] if raw else tmv[t * PAGE : (t + 1) * PAGE]
             for raw, d, t in zip(is_raw.tolist(), data_row.tolist(), tmp_row.tolist(), strict=True)
@@ -543,7 +543,7 @@ def apply_overlay(
     total += m.segments_length + TRAILER.size
     renamed: list[Path] = []
     app: RecordApplier | None = None
-    segs: Iterator[Segment] | None = None
+    segs: Generator[Segment, None, None] | None = None
     try:
         app = RecordApplier(m, base, parts, backing)
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import enum
 import json
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -719,7 +719,7 @@ class OverlayReader:
             raise OverlayCorrupt("manifest", "format version differs from the header's")
         return self.manifest
 
-    def segments(self, *, ahead: bool = False) -> Iterator[Segment]:
+    def segments(self, *, ahead: bool = False) -> Generator[Segment, None, None]:
         """Each segment, verified and decoded, in file order.
 
         With ``ahead``, a worker thread hashes and decompresses segment N+1 (both release

@@ -376,7 +376,7 @@ class Qcow2Writer:
         offs[new] = (self._next + np.arange(n_new, dtype=np.uint64)) * np.uint64(CLUSTER)
         self._next += n_new
         self.data_clusters += n_new
-        flat = memoryview(data).cast("B")
+        flat = data.data.cast("B")
         offs_l = offs.tolist()
         start = 0
         for i in range(1, len(offs_l) + 1):
