@@ -1135,7 +1135,7 @@ def main() -> int:
     ap.add_argument("--dirty-mb-s", type=float, default=5.0, help="the dirtier's rate")
     ap.add_argument("--dirty-warmup", type=float, default=5.0)
     ap.add_argument("--downtime-target", type=float, default=1.0)
-    ap.add_argument("--max-rounds", type=int, default=12)
+    ap.add_argument("--max-rounds", type=int, default=20)
     ap.add_argument("--handoff-timeout", type=float, default=1800)
     ap.add_argument("--no-follow", dest="follow", action="store_false")
     ap.add_argument("--follow-schedule", default="0:5,20:25,50:5",

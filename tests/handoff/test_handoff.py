@@ -287,3 +287,46 @@ def test_a_link_cut_while_throttled_leaves_the_source_running_at_full_speed(
     assert VMManager(base_home).get(vm.id).state is VMState.RUNNING
     assert counter(port) == {"memory": 4, "disk": 4}
     assert dest.sessions == {} and list(dest_home.vms.iterdir()) == []
+
+
+def test_the_disk_layer_is_scanned_again_only_after_it_was_written(base_home: Paths) -> None:
+    """Each round scans the VM's disk layer; a layer file untouched since the last scan began
+    is skipped (that scan is downtime in the final round). A write must always be seen."""
+    import threading
+    import time
+
+    from cloudlet.handoff.adaptive import CompressionController
+    from cloudlet.handoff.source import _Encoder
+    from cloudlet.hypervisor.qmp import Monitor
+
+    vm, _ = _start(base_home)
+    mgr = VMManager(base_home)
+
+    async def qmp(cmd: str) -> None:
+        async with await Monitor.connect(vm.qmp_path) as mon:
+            await mon.execute(cmd)
+
+    enc = _Encoder(mgr.get(vm.id), BaseStore(base_home).get("tiny"), CompressionController(),
+                   HandoffOptions())  # fmt: skip
+    scans = []
+    scan = enc._scan_disk
+
+    def counted(stop: threading.Event) -> Iterator[tuple[int, bytes]]:
+        scans.append(1)
+        yield from scan(stop)
+
+    enc._scan_disk = counted  # type: ignore[method-assign]
+    stop = threading.Event()
+    try:
+        run(qmp("stop"))  # nothing writes the layer from here until cont
+        time.sleep(0.2)  # older than a kernel time stamp's tick
+        first = [p for p, _ in enc.changed_disk(stop)]
+        again = [p for p, _ in enc.changed_disk(stop)]
+        assert len(first) >= 2_000_000 // 4096 and again == [] and len(scans) == 1
+        run(qmp("cont"))
+        r = run(mgr.exec(vm.id, "head -c 100000 /dev/urandom > /root/new && sync"))
+        assert r.exit_code == 0
+        after = [p for p, _ in enc.changed_disk(stop)]
+        assert len(scans) == 2 and len(after) >= 100_000 // 4096
+    finally:
+        enc.close()

@@ -22,7 +22,7 @@ def handoff(
         ..., "--token", envvar="CLOUDLET_DEST_TOKEN", help="An admin token the destination accepts."
     ),
     downtime: float = typer.Option(1.0, "--downtime", help="Downtime target in seconds."),
-    max_rounds: int = typer.Option(12, "--max-rounds", help="Most pre-copy rounds."),
+    max_rounds: int = typer.Option(20, "--max-rounds", help="Most pre-copy rounds."),
     auto_converge: bool = typer.Option(
         True,
         "--auto-converge/--no-auto-converge",

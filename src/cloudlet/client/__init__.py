@@ -250,7 +250,7 @@ class Client:
         token: str,
         *,
         downtime_target_s: float = 1.0,
-        max_rounds: int = 12,
+        max_rounds: int = 20,
         auto_converge: bool = True,
     ) -> dict[str, Any]:
         """Move an instance to the cloudlet at ``to``; returns the operation's result."""

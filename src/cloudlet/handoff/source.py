@@ -64,6 +64,7 @@ log = logging.getLogger("cloudlet.handoff")
 
 Progress = Callable[[str, int, int], None]
 COMPARE_CHUNK = 64 << 20
+_STAMP_SETTLE_S = 0.05  # a file time this old cannot be stamped again by a write in its tick
 REFERENCE_SAMPLE = 128 << 10  # bytes of each frame compressed with zstd-1 as the reference
 _ZERO_PAGE = bytes(PAGE)
 _ZERO_H128 = xxhash.xxh3_128_intdigest(_ZERO_PAGE)
@@ -73,12 +74,12 @@ _DEVSTATE_OPTION = Option("zstd-base-devstate", CODEC_DEVSTATE_DICT, DEVSTATE_DI
 @dataclass
 class HandoffOptions:
     downtime_target_s: float = 1.0
-    max_rounds: int = 12
+    max_rounds: int = 20
     frame_raw_bytes: int = 1 << 20
     shrink_factor: float = 0.9  # a round must be smaller than this x the previous one
     auto_converge: bool = True  # throttle a VM whose rounds stop shrinking (see converge.py)
-    throttle_first: float = 0.6  # first throttle: the VM held 60% of the time
-    throttle_max: float = 0.95  # at most: the VM still runs 5% of the time
+    throttle_first: float = 0.8  # first throttle: the VM held 80% of the time
+    throttle_max: float = 0.97  # at most: the VM still runs 3% of the time
     throttle_period_s: float = 0.1
 
 
@@ -137,9 +138,12 @@ class _Encoder:
         self.pool = cf.ThreadPoolExecutor(
             max(1, controller.cores), thread_name_prefix="handoff-zstd"
         )
+        self.compare_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="handoff-compare")
+        self._disk_stamp: tuple[int, int, int] | None = None  # the layer file when last scanned
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.compare_pool.shutdown(wait=True, cancel_futures=True)
         for fd in (self.base_ram_fd, self.base_disk_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -153,23 +157,60 @@ class _Encoder:
         data = os.pread(fd, PAGE, off)
         return data if len(data) == PAGE else data + bytes(PAGE - len(data))
 
+    def _differing_pages(self, w0: int, words: int) -> np.ndarray:
+        """Pages of one chunk whose live content differs from the shadow (numpy, no GIL)."""
+        a = self.ram.view(np.uint64)[w0 : w0 + words].reshape(-1, PAGE // 8)
+        b = self.shadow.view(np.uint64)[w0 : w0 + words].reshape(-1, PAGE // 8)
+        return np.flatnonzero(np.any(a != b, axis=1)) + w0 // (PAGE // 8)
+
     def changed_memory(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
-        ram64 = self.ram.view(np.uint64)
-        sh64 = self.shadow.view(np.uint64)
+        """Pages that differ from the shadow, each copied into the shadow as it is read.
+
+        The compare runs a chunk ahead on the compare pool (2 threads): it is a full pass over
+        guest RAM in every round, including the final one, where it is downtime.
+        """
         words = COMPARE_CHUNK // 8
-        for w0 in range(0, ram64.shape[0], words):
-            if stop.is_set():
-                return
-            a = ram64[w0 : w0 + words].reshape(-1, PAGE // 8)
-            b = sh64[w0 : w0 + words].reshape(-1, PAGE // 8)
-            for rel in np.flatnonzero(np.any(a != b, axis=1)).tolist():
-                p = w0 // (PAGE // 8) + rel
-                off = p * PAGE
-                data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
-                self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
-                yield p, data
+        starts = list(range(0, self.mem_size // 8, words))
+        ahead: collections.deque[cf.Future[np.ndarray]] = collections.deque()
+        try:
+            for w0 in starts[:2]:
+                ahead.append(self.compare_pool.submit(self._differing_pages, w0, words))
+            for i in range(len(starts)):
+                pages = ahead.popleft().result()
+                if i + 2 < len(starts):
+                    ahead.append(
+                        self.compare_pool.submit(self._differing_pages, starts[i + 2], words)
+                    )
+                if stop.is_set():
+                    return
+                for p in pages.tolist():
+                    off = p * PAGE
+                    data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
+                    self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
+                    yield p, data
+        finally:
+            for f in ahead:
+                f.cancel()
 
     def changed_disk(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
+        """Pages of the top layer whose content differs from what the destination has.
+
+        Skipped outright when the layer file has not been written since the previous scan
+        began (same size, mtime and ctime). The kernel stamps times at a coarse tick and skips
+        an update within the same tick, so a stamp is trusted only once it is older than
+        ``_STAMP_SETTLE_S``; a fresh one means a full scan next time too.
+        """
+        st = os.stat(self.vm.disk_path)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if stamp == self._disk_stamp:
+            return
+        settled = time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _STAMP_SETTLE_S * 1e9
+        self._disk_stamp = None
+        yield from self._scan_disk(stop)
+        if settled and not stop.is_set():
+            self._disk_stamp = stamp
+
+    def _scan_disk(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
         with TopLayer(self.vm.disk_path, force_share=True) as top:
             for piece in top.pieces():
                 if stop.is_set():

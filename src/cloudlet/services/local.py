@@ -139,7 +139,7 @@ class LocalCloudlet:
         token: str,
         *,
         downtime_target_s: float = 1.0,
-        max_rounds: int = 12,
+        max_rounds: int = 20,
         auto_converge: bool = True,
     ) -> dict[str, Any]:
         from cloudlet.errors import VMError

@@ -36,7 +36,7 @@ class HandoffRequest(BaseModel):
     to: str = Field(min_length=8, max_length=2000, description="Destination cloudlet URL")
     token: str = Field(min_length=1, max_length=500, description="A token it accepts")
     downtime_target_s: float = Field(default=1.0, gt=0, le=60)
-    max_rounds: int = Field(default=12, ge=1, le=64)
+    max_rounds: int = Field(default=20, ge=1, le=64)
     auto_converge: bool = Field(
         default=True, description="Throttle a VM that dirties memory faster than the link sends"
     )
