@@ -669,6 +669,11 @@ class Poller:
                             ignore.add(p)
                             tried.remove(p)
                         self.failures += 1
+                    elif ok and value is None and (port is not None or self.port is not None):
+                        # The service's port, a 200 but no counter: the answer was cut short
+                        # (its VM paused mid-answer, the connection closed when its QEMU
+                        # ended). The guest did not answer that request: not an answer.
+                        self.failures += 1
                     elif ok:
                         if port is None:
                             port = p  # found: ask only this one from now on

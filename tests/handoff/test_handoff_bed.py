@@ -215,3 +215,42 @@ def test_downtime_says_when_a_side_never_answered(who: str) -> None:
     (b if who == "source" else a).answers.append(Answer(1.0, 1, 5))
     d = downtime(a, b)
     assert d["downtime_s"] is None and "never answered" in d["reason"]
+
+
+def test_an_answer_cut_short_on_the_services_port_is_not_an_answer() -> None:
+    """A request sent just before the source pauses gets its status line, then nothing until
+    the source's QEMU ends and the connection closes: that is no answer from the guest, or the
+    downtime would be measured from the end of the handoff (bench run of 2026-11-21 06:20)."""
+    host = "127.0.0.11"
+    port = free_port(host)
+    n = 0
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal n
+        try:
+            await r.readuntil(b"\r\n\r\n")
+            n += 1
+            body = f"memory={n} disk={n}\n" if n % 2 else ""  # every other one cut short
+            w.write(f"HTTP/1.0 200 OK\r\n\r\n{body}".encode())
+            await w.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    poller = Poller(None, host, "/cgi-bin/counter", port=port, timeout=1).start()
+    loop = asyncio.new_event_loop()
+    try:
+        srv = loop.run_until_complete(asyncio.start_server(handle, host, port))
+        deadline = time.monotonic() + 5
+        while len(poller.answers) < 4:
+            loop.run_until_complete(asyncio.sleep(0.01))
+            assert time.monotonic() < deadline, poller.log
+        poller.stop()
+        assert all(a.value for a in poller.answers)
+        assert poller.failures >= 3
+        srv.close()
+        loop.run_until_complete(srv.wait_closed())
+    finally:
+        poller.stop()
+        loop.close()
