@@ -97,8 +97,12 @@ def test_relay_closes_the_client_when_the_target_refuses() -> None:
     asyncio.run(main())
 
 
-async def _counter_server(host: str, port: int) -> asyncio.Server:
-    """A stand-in for the tiny guest's counter CGI: ``memory=N disk=N``, N going up."""
+async def _counter_server(host: str, port: int, *, cut_every_other: bool = False) -> asyncio.Server:
+    """A stand-in for the tiny guest's counter CGI: ``memory=N disk=N``, N going up.
+
+    ``cut_every_other``: every other answer is only the status line, as when the VM pauses
+    mid-answer and the connection closes later.
+    """
     n = 0
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -106,7 +110,8 @@ async def _counter_server(host: str, port: int) -> asyncio.Server:
         try:
             await r.readuntil(b"\r\n\r\n")
             n += 1
-            w.write(f"HTTP/1.0 200 OK\r\n\r\nmemory={n} disk={n}\n".encode())
+            body = "" if cut_every_other and n % 2 == 0 else f"memory={n} disk={n}\n"
+            w.write(f"HTTP/1.0 200 OK\r\n\r\n{body}".encode())
             await w.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass  # a poller gave up on this request
@@ -223,25 +228,10 @@ def test_an_answer_cut_short_on_the_services_port_is_not_an_answer() -> None:
     downtime would be measured from the end of the handoff (bench run of 2026-11-21 06:20)."""
     host = "127.0.0.11"
     port = free_port(host)
-    n = 0
-
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        nonlocal n
-        try:
-            await r.readuntil(b"\r\n\r\n")
-            n += 1
-            body = f"memory={n} disk={n}\n" if n % 2 else ""  # every other one cut short
-            w.write(f"HTTP/1.0 200 OK\r\n\r\n{body}".encode())
-            await w.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            w.close()
-
     poller = Poller(None, host, "/cgi-bin/counter", port=port, timeout=1).start()
     loop = asyncio.new_event_loop()
     try:
-        srv = loop.run_until_complete(asyncio.start_server(handle, host, port))
+        srv = loop.run_until_complete(_counter_server(host, port, cut_every_other=True))
         deadline = time.monotonic() + 5
         while len(poller.answers) < 4:
             loop.run_until_complete(asyncio.sleep(0.01))
