@@ -264,7 +264,19 @@ def test_qemu_killed_behind_our_back_is_crashed(home: Paths, src: BootSource) ->
 
 
 def test_ctrl_c_during_start_leaves_nothing(home: Paths, tiny_image) -> None:  # type: ignore[no-untyped-def]
-    proc = subprocess.Popen([*CLOUDLET, "vm", "start", "tiny"], stderr=subprocess.PIPE, text=True)
+    def as_from_a_terminal() -> None:
+        # A shell's child gets Ctrl-C with the default action, unblocked; a child of this test
+        # process inherits whatever ignored or blocked signals earlier tests left behind.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    parent_sigint = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
+    proc = subprocess.Popen(
+        [*CLOUDLET, "vm", "start", "tiny"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_from_a_terminal,
+    )
     try:
         # Wait until QEMU is really up (its pidfile exists), then press Ctrl-C while the guest
         # boots. (0.2 s later, once in a CI run, the start had already finished.)
@@ -275,7 +287,7 @@ def test_ctrl_c_during_start_leaves_nothing(home: Paths, tiny_image) -> None:  #
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, (err, parent_sigint)
     assert qemu_pids_mentioning(str(home.home)) == []
     assert list(home.vms.iterdir()) == []
 
