@@ -46,6 +46,8 @@ from typing import Any
 
 import httpx
 
+from cloudlet.util.procs import terminate
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = "org.cloudlet.sample"
 
@@ -417,11 +419,7 @@ def main() -> None:
         if bare is not None:
             bare.send_signal(signal.SIGTERM)
             bare.wait(10)
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        terminate(server, grace=30)
         log.close()
         if not args.keep:
             subprocess.run(

@@ -80,7 +80,7 @@ from cloudlet.images.tiny import build_tiny, recipe_id
 from cloudlet.synthesis.base import BaseStore, BaseVM
 from cloudlet.synthesis.capture import capture_overlay
 from cloudlet.util.fs import atomic_write_json, read_json
-from cloudlet.util.procs import qemu_pids_mentioning
+from cloudlet.util.procs import qemu_pids_mentioning, terminate
 from handoff_bed import (  # bench/ is on sys.path when this file runs
     B_ADDR,
     LOCAL,
@@ -321,13 +321,8 @@ class Server:
         if self.client is not None:
             self.client.close()
             self.client = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
         self.proc = None
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from cloudlet.config import Paths
+from cloudlet.util.procs import terminate
 
 MARKER = "served-by-the-server-test-overlay"
 
@@ -68,13 +69,8 @@ class Server:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 def upload(c: httpx.Client, file: Path, name: str = "app") -> dict[str, Any]:

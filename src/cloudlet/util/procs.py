@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -15,6 +17,18 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def terminate(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float = 20.0) -> None:
+    """SIGTERM, up to ``grace`` seconds for a clean exit (a server ends its VMs), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def qemu_pids_mentioning(text: str) -> list[int]:
