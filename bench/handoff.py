@@ -578,6 +578,18 @@ def handoff_run(
                             "wire_bytes", "devstate_wire_bytes", "throttle", "seconds")}
         for r_ in rep["rounds"]
     ]  # fmt: skip
+    fin = rep["rounds"][-1]
+    dest_ = rep["destination"]
+    # the downtime, piece by piece (the engine's side): pause, device state saved, compare
+    # and encode, last byte to the answer (link + destination), and the destination's restore
+    out["final_round"] = {
+        **fin.get("phases", {}),
+        "compare_s": round(fin.get("compare_s", 0.0), 4),
+        "encoded_s": round(fin.get("encoded_s", 0.0), 4),
+        "round_s": round(fin["seconds"], 4),
+        "restore": dest_.get("restore"),
+        "restore_s": dest_.get("restore_s"),
+    }
     out["compression"] = {
         k: rep["compression"][k] for k in ("current", "link_mbps", "changes", "estimates")
     }

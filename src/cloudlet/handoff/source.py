@@ -97,7 +97,10 @@ class RoundStats:
     frames: int = 0
     records: dict[str, int] = field(default_factory=dict)
     compare_s: float = 0.0
+    encoded_s: float = 0.0  # from the round's start to its last frame handed to the link
     seconds: float = 0.0
+    # final round only: seconds to pause the VM and to save its device state (before the round)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -372,7 +375,7 @@ class _Encoder:
                 submit(kind, buf, nrec)
             st.compare_s += time.monotonic() - tc
         drain(0)
-        st.seconds = time.monotonic() - t0
+        st.seconds = st.encoded_s = time.monotonic() - t0
         return st
 
 
@@ -513,9 +516,15 @@ class HandoffSource:
         devstate = vm.dir / "handoff.devstate"
         try:
             await self.vms.pause(vm, mon)
+            t_paused = time.monotonic()
             await self.vms.save_devstate(vm, mon, devstate)
-            result, _ = await self._round(enc, session, len(self.rounds) + 1, devstate)
+            t_saved = time.monotonic()
+            result, st = await self._round(enc, session, len(self.rounds) + 1, devstate)
             t_resumed = time.monotonic()
+            st.phases = {
+                "pause_s": round(t_paused - t_pause, 4),
+                "devstate_s": round(t_saved - t_paused, 4),
+            }
         except BaseException as e:
             with contextlib.suppress(Exception):
                 await mon.execute("cont")  # the source VM keeps serving, untouched
