@@ -72,10 +72,11 @@ def test_the_dictionary_codec_is_refused_where_it_does_not_belong(case: str) -> 
         list(dec.feed(frame))
 
 
-def test_a_version_1_frame_is_refused_by_name() -> None:
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_version_frame_is_refused_by_name(old: int) -> None:
     raw = pack_record(Payload.ZERO, 0, 1)
     frame = bytearray(encode_frame(0, Kind.MEMORY, 1, raw, len(raw), 0, 0))
-    frame[4] = 1
-    with pytest.raises(WireError, match="wire version 1, this cloudlet speaks 2"):
+    frame[4] = old
+    with pytest.raises(WireError, match=f"wire version {old}, this cloudlet speaks 3"):
         list(FrameDecoder(LIMITS).feed(bytes(frame)))
     assert FRAME.size == 32

@@ -39,15 +39,20 @@ def make_small_base(d: Path, rng: np.random.Generator) -> BaseRef:
 
 
 def random_records(
-    rng: np.random.Generator, kind: Kind, n: int, pages: int
+    rng: np.random.Generator, kind: Kind, n: int, pages: int, xor_current: bool = False
 ) -> list[tuple[int, int, int, bytes]]:
     out: list[tuple[int, int, int, bytes]] = []
     t = int(rng.integers(pages))
+    weights = [0.3, 0.1, 0.1, 0.1, 0.15, 0.15, 0.1] + ([0.3] if xor_current else [])
     for _ in range(n):
         # mostly ascending runs (as create writes them), sometimes a jump anywhere
         t = int(rng.integers(pages)) if rng.random() < 0.2 else (t + 1) % pages
-        p = int(rng.choice(7, p=[0.3, 0.1, 0.1, 0.1, 0.15, 0.15, 0.1]))
-        if p == Payload.LITERAL:
+        if xor_current and out and rng.random() < 0.1:
+            t = int(rng.choice([r[1] for r in out[-30:]]))  # a page this batch just wrote
+        p = int(rng.choice(len(weights), p=np.array(weights) / sum(weights)))
+        if p == Payload.XOR_CURRENT:
+            out.append((p, t, 0, rng.integers(0, 4, PAGE, dtype=np.uint8).tobytes()))
+        elif p == Payload.LITERAL:
             data = rng.integers(0, 256, PAGE, dtype=np.uint8).tobytes()
             if rng.random() < 0.1:
                 data = bytes(PAGE)  # zero pages make zero clusters
@@ -97,6 +102,9 @@ def model(
             elif p == Payload.XOR:
                 base_page = page(base_ram if kind is Kind.MEMORY else base_disk, t)
                 new = (np.frombuffer(base_page, np.uint8) ^ np.frombuffer(data, np.uint8)).tobytes()
+            elif p == Payload.XOR_CURRENT:
+                now = np.frombuffer(page(space, t), np.uint8)
+                new = (now ^ np.frombuffer(data, np.uint8)).tobytes()
             elif p == Payload.BASE_MEM:
                 new = page(base_ram, arg)
             elif p == Payload.BASE_DISK:
@@ -116,10 +124,17 @@ def guest_disk(qcow2: Path, tmp: Path) -> bytes:
     return raw.read_bytes()
 
 
-def build(seed: int) -> list[tuple[Kind, list[tuple[int, int, int, bytes]]]]:
+def build(
+    seed: int, xor_current: bool = False
+) -> list[tuple[Kind, list[tuple[int, int, int, bytes]]]]:
     rng = np.random.default_rng(seed)
-    segs = [(Kind.MEMORY, random_records(rng, Kind.MEMORY, 300, MEM_PAGES)) for _ in range(3)]
-    segs += [(Kind.DISK, random_records(rng, Kind.DISK, 300, DISK_PAGES)) for _ in range(3)]
+    segs = [
+        (Kind.MEMORY, random_records(rng, Kind.MEMORY, 300, MEM_PAGES, xor_current))
+        for _ in range(3)
+    ]
+    segs += [
+        (Kind.DISK, random_records(rng, Kind.DISK, 300, DISK_PAGES, xor_current)) for _ in range(3)
+    ]
     # whole clusters of zero pages written one by one, and a cluster spanning two segments
     segs[3][1].extend((Payload.LITERAL, 20 * 16 + k, 0, bytes(PAGE)) for k in range(16))
     segs[4][1].insert(0, (Payload.LITERAL, 21 * 16 + 3, 0, b"\x01" * PAGE))
@@ -182,3 +197,68 @@ def test_record_applier_apply_takes_iter_records(tmp_path: Path) -> None:
     assert parts["memory.ram"].read_bytes() == mem
     assert guest_disk(parts["disk.qcow2"], tmp_path) == disk
     assert os.path.getsize(parts["devstate"]) == 0
+
+
+def _apply_as_handoff(
+    base: BaseRef, segs: list[tuple[Kind, list[tuple[int, int, int, bytes]]]], out: Path
+) -> dict[str, Path]:
+    """Apply with the handoff destination's limits (xor-current records allowed)."""
+    out.mkdir()
+    parts = {n: out / n for n in ("memory.ram", "disk.qcow2", "devstate")}
+
+    class Sizes:
+        memory_size = MEM_PAGES * PAGE
+        disk_size = DISK_PAGES * PAGE
+        devstate_size = 0
+
+    limits = RecordLimits(
+        MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0, xor_current=True
+    )
+    app = RecordApplier(Sizes(), base, parts, str(base.disk))
+    try:
+        app.start()
+        for seq, (kind, recs) in enumerate(segs):
+            raw = b"".join(rec(*r) for r in recs)
+            app.apply(kind, list(iter_records(kind, raw, len(recs), limits, seq)))
+        app.finish(fsync=False)
+    finally:
+        app.close()
+    return parts
+
+
+@pytest.mark.parametrize(("seed", "batch"), [(11, None), (12, 5), (13, 1), (14, 64)])
+def test_xor_current_matches_one_by_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, batch: int | None
+) -> None:
+    """Xor-current records read the page as the records before them left it, also when an
+    earlier record of the same batch wrote it (the batch is cut there)."""
+    if batch is not None:
+        monkeypatch.setattr(apply_mod, "_MEM_BATCH", batch)
+        monkeypatch.setattr(apply_mod, "_DISK_BATCH", batch)
+    base = make_small_base(tmp_path / "base", np.random.default_rng(seed + 100))
+    segs = build(seed, xor_current=True)
+    n_xc = sum(1 for _, recs in segs for r in recs if r[0] == Payload.XOR_CURRENT)
+    repeated = 0
+    for _, recs in segs:  # xor-current records whose page an earlier record of the segment wrote
+        seen: set[int] = set()
+        for p, t, _a, _d in recs:
+            repeated += p == Payload.XOR_CURRENT and t in seen
+            seen.add(t)
+    assert n_xc > 100 and repeated > 5  # the stream exercises what it is meant to
+    mem, disk = model(base, segs)
+    parts = _apply_as_handoff(base, segs, tmp_path / "vm")
+    assert parts["memory.ram"].read_bytes() == mem
+    assert guest_disk(parts["disk.qcow2"], tmp_path) == disk
+
+
+def test_xor_current_is_refused_in_an_overlay(tmp_path: Path) -> None:
+    """Overlay files never hold xor-current records: a reader refuses one by name."""
+    base = make_small_base(tmp_path / "base", np.random.default_rng(5))
+    segs = [(Kind.MEMORY, [(Payload.XOR_CURRENT, 3, 0, bytes(PAGE))])]
+    with pytest.raises(Exception, match="unknown payload type 7"):
+        apply_overlay([blob_of(segs)], base, tmp_path / "vm", backing=str(base.disk))
+    assert not (tmp_path / "vm").exists() or not any((tmp_path / "vm").iterdir())
+    limits = RecordLimits(MEM_PAGES, DISK_PAGES, MEM_PAGES, 1, 0)
+    raw = rec(Payload.XOR_CURRENT, 3, 0, bytes(PAGE))
+    with pytest.raises(Exception, match="unknown payload type 7"):
+        list(iter_records(Kind.MEMORY, raw, 1, limits, 0))

@@ -116,6 +116,7 @@ class HandoffDestination:
                 base_mem_pages=base_mem_pages,
                 base_disk_pages=-(-base_disk // PAGE),
                 devstate_size=MAX_DEVSTATE,
+                xor_current=True,  # each round's pages against what this side holds
             )
         except BaseException:
             await self.vms.discard(vm)

@@ -166,8 +166,11 @@ class _Encoder:
         b = self.shadow.view(np.uint64)[w0 : w0 + words].reshape(-1, PAGE // 8)
         return np.flatnonzero(np.any(a != b, axis=1)) + w0 // (PAGE // 8)
 
-    def changed_memory(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
-        """Pages that differ from the shadow, each copied into the shadow as it is read.
+    def changed_memory(
+        self, stop: threading.Event
+    ) -> collections.abc.Iterator[tuple[int, bytes, bytes | None]]:
+        """Pages that differ from the shadow, each copied into the shadow as it is read,
+        with what the shadow held before (what the destination has there now).
 
         The compare runs a chunk ahead on the compare pool (2 threads): it is a full pass over
         guest RAM in every round, including the final one, where it is downtime.
@@ -189,13 +192,16 @@ class _Encoder:
                 for p in pages.tolist():
                     off = p * PAGE
                     data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
+                    old = self.shadow[off : off + PAGE].tobytes()
                     self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
-                    yield p, data
+                    yield p, data, old
         finally:
             for f in ahead:
                 f.cancel()
 
-    def changed_disk(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
+    def changed_disk(
+        self, stop: threading.Event
+    ) -> collections.abc.Iterator[tuple[int, bytes, bytes | None]]:
         """Pages of the top layer whose content differs from what the destination has.
 
         Skipped outright when the layer file has not been written since the previous scan
@@ -213,7 +219,9 @@ class _Encoder:
         if settled and not stop.is_set():
             self._disk_stamp = stamp
 
-    def _scan_disk(self, stop: threading.Event) -> collections.abc.Iterator[tuple[int, bytes]]:
+    def _scan_disk(
+        self, stop: threading.Event
+    ) -> collections.abc.Iterator[tuple[int, bytes, bytes | None]]:
         with TopLayer(self.vm.disk_path, force_share=True) as top:
             for piece in top.pieces():
                 if stop.is_set():
@@ -241,7 +249,7 @@ class _Encoder:
                     ):
                         continue  # the destination's base already has it at this offset
                     self.disk_shadow[p] = h
-                    yield p, data
+                    yield p, data, None  # (only a hash is kept of what the destination has)
 
     def _assemble(self, top: TopLayer, piece: Any, i: int) -> bytes:
         p = piece.first + i
@@ -257,13 +265,26 @@ class _Encoder:
 
     # -- records -------------------------------------------------------------------------
     def record(
-        self, kind: Kind, p: int, data: bytes, counts: dict[str, int], sent_mem: dict[int, int]
+        self,
+        kind: Kind,
+        p: int,
+        data: bytes,
+        old: bytes | None,
+        counts: dict[str, int],
+        sent_mem: dict[int, int],
     ) -> bytes:
         """One record for page ``p``; ``sent_mem`` maps hashes of memory pages sent this round.
 
         A disk page equal to a memory page sent earlier in the same round (file data is often
         in the guest's page cache too) goes as a reference to that page: memory records of a
         round are applied before its disk records, so the destination has exactly those bytes.
+
+        ``old`` is what the destination holds at ``p`` now. A page that changed in a few places
+        (kernel structures, counters, an allocator's headers: most of what a running guest
+        dirties between rounds) goes as its XOR with ``old``, mostly zeros, which compresses
+        to a few dozen bytes where the page itself would take hundreds or thousands (QEMU's
+        XBZRLE does the same against its cache of sent pages). It is used when the XOR has
+        under half the page's non-zero bytes.
         """
         if not np.frombuffer(data, dtype=np.uint64).any():
             counts["zero"] = counts.get("zero", 0) + 1
@@ -283,9 +304,15 @@ class _Encoder:
                     name = ptype.name.lower()
                     counts[name] = counts.get(name, 0) + 1
                     return pack_record(ptype, p, q)
-        counts["literal"] = counts.get("literal", 0) + 1
         if kind is Kind.MEMORY:
-            sent_mem.setdefault(h, p)
+            sent_mem.setdefault(h, p)  # the destination has ``data`` at ``p`` after either record
+        if old is not None and old != _ZERO_PAGE:
+            new = np.frombuffer(data, dtype=np.uint8)
+            x = np.bitwise_xor(new, np.frombuffer(old, dtype=np.uint8))
+            if 2 * np.count_nonzero(x) < np.count_nonzero(new):
+                counts["xor_current"] = counts.get("xor_current", 0) + 1
+                return pack_record(Payload.XOR_CURRENT, p, 0, x.tobytes())
+        counts["literal"] = counts.get("literal", 0) + 1
         return pack_record(Payload.LITERAL, p, 0, data)
 
     # -- frames --------------------------------------------------------------------------
@@ -359,8 +386,8 @@ class _Encoder:
         for kind, source in ((Kind.MEMORY, self.changed_memory), (Kind.DISK, self.changed_disk)):
             buf, nrec = bytearray(), 0
             tc = time.monotonic()
-            for p, data in source(stop):
-                buf += self.record(kind, p, data, st.records, sent_mem)
+            for p, data, old in source(stop):
+                buf += self.record(kind, p, data, old, st.records, sent_mem)
                 nrec += 1
                 if kind is Kind.MEMORY:
                     st.memory_pages += 1

@@ -1,4 +1,4 @@
-"""The handoff wire format (version 2): a stream of self-checking frames.
+"""The handoff wire format (version 3): a stream of self-checking frames.
 
 Each frame carries records of one kind (device state, memory pages or disk pages), in exactly
 the record format of overlay segments (``overlay.format.RECORD``), so the destination applies
@@ -10,9 +10,12 @@ state (which both ends hold) as a raw-content dictionary. A VM's device state is
 nearly all of it equals the base's: 0.3 MB under plain zstd, ~0.5 KB against the base. It is
 sent while the VM is paused, so on a 5 Mbit/s link that is ~0.5 s of downtime saved.
 
+Version 3 allows payload 7 (``xor_current``, see ``overlay.format.Payload``) in memory and disk
+frames: a page as its XOR with what the destination holds there.
+
     offset size field
     0      4    magic b"CLHF"
-    4      1    wire version (1)
+    4      1    wire version (3)
     5      1    kind (1 devstate, 2 memory, 3 disk)
     6      1    codec id (0 none, 1 zstd: the overlay codec table; 0x80 zstd with the
                 base's device state as dictionary, device-state frames only)
@@ -41,7 +44,7 @@ from cloudlet.overlay.errors import OverlayCorrupt
 from cloudlet.overlay.format import Kind, Payload, RecordLimits, iter_records
 
 FRAME_MAGIC = b"CLHF"
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 CODEC_DEVSTATE_DICT = 0x80  # zstd, the base VM's device state as a raw-content dictionary
 DEVSTATE_DICT_LEVEL = 3  # measured: ~450 bytes for a tiny or Debian guest, < 1 ms
 FRAME = struct.Struct("<4sBBBBIIIIQ")

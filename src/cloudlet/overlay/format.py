@@ -112,6 +112,10 @@ class Payload(enum.IntEnum):
     SELF_MEM = 4  # arg: a page of the new RAM written by an earlier record (dedup)
     SELF_DISK = 5  # arg: a page of the new disk written by an earlier record (dedup)
     ZERO = 6  # arg: number of consecutive zero pages starting at target
+    # data: page XOR what the target page holds when the record is applied (what earlier
+    # records wrote there, else what the file held). Handoff wire only (version 3): each
+    # round's changed pages against what the destination already has; overlays refuse it.
+    XOR_CURRENT = 7
 
 
 PAYLOAD_NAMES = {p: p.name.lower() for p in Payload}
@@ -238,6 +242,7 @@ class RecordLimits:
     base_mem_pages: int
     base_disk_pages: int
     devstate_size: int
+    xor_current: bool = False  # accept :attr:`Payload.XOR_CURRENT` (the handoff wire)
 
 
 def iter_records(
@@ -294,9 +299,11 @@ def _check_record(
         if length > MAX_DEVSTATE_RECORD or target + length > lim.devstate_size:
             return f"{length} bytes at offset {target} beyond device state size {lim.devstate_size}"
         return None
+    if ptype > (Payload.XOR_CURRENT if lim.xor_current else Payload.ZERO):
+        return f"unknown payload type {ptype}"
     if target >= pages:
         return f"page {target} beyond the {kind.label} size ({pages} pages)"
-    if ptype in (Payload.LITERAL, Payload.XOR):
+    if ptype in (Payload.LITERAL, Payload.XOR, Payload.XOR_CURRENT):
         return None if length == PAGE else f"page data of {length} bytes"
     if length:
         return f"{length} data bytes on a reference record"
@@ -434,11 +441,12 @@ def _records_valid(kind: Kind, h: np.ndarray, lim: RecordLimits) -> bool:
     """The checks of :func:`_check_record`, vectorized (numbers stay uint64: no overflow)."""
     pages = np.uint64(lim.mem_pages if kind is Kind.MEMORY else lim.disk_pages)
     ptype, target, arg, length = h["ptype"], h["target"], h["arg"], h["length"]
-    if np.any(h["r8"]) or np.any(h["r16"]) or np.any(ptype > Payload.ZERO):
+    top = Payload.XOR_CURRENT if lim.xor_current else Payload.ZERO
+    if np.any(h["r8"]) or np.any(h["r16"]) or np.any(ptype > top):
         return False
     if np.any(target >= pages):
         return False
-    with_data = ptype <= Payload.XOR
+    with_data = (ptype <= Payload.XOR) | (ptype == Payload.XOR_CURRENT)
     if np.any(length != np.where(with_data, PAGE, 0)):
         return False
     bound = np.zeros(len(h), np.uint64)
