@@ -125,6 +125,31 @@ def test_writer_rewrites_in_place_and_zero_after_data(tmp_path: Path, backing: P
         assert view[: 5 * CLUSTER] == f.read(5 * CLUSTER)
 
 
+def test_openable_writer_is_a_valid_empty_image_from_the_start(
+    tmp_path: Path, backing: Path
+) -> None:
+    """``openable``: QEMU can open the layer before any data arrives (a handoff's destination
+    starts its QEMU early); once finished, its first tables are free space, not leaks."""
+    top = tmp_path / "early.qcow2"
+    w = Qcow2Writer(top, 600 * MiB, backing=str(backing), openable=True)
+    out = qemu_check(top)
+    assert out.get("allocated-clusters", 0) == 0
+    with open(backing, "rb") as f:
+        assert guest_view(top, tmp_path)[: 3 * CLUSTER] == f.read(3 * CLUSTER)
+    w.write_cluster(1, b"\x09" * CLUSTER)
+    w.write_cluster(8200, b"\x0a" * CLUSTER)  # the second L2 table
+    w.zero_clusters(2, 3)
+    w.finish()
+    out = qemu_check(top)
+    assert out.get("allocated-clusters") == 2
+    view = guest_view(top, tmp_path)
+    assert view[CLUSTER : 2 * CLUSTER] == b"\x09" * CLUSTER
+    assert view[2 * CLUSTER : 3 * CLUSTER] == bytes(CLUSTER)
+    assert view[8200 * CLUSTER : 8201 * CLUSTER] == b"\x0a" * CLUSTER
+    with open(backing, "rb") as f:
+        assert view[:CLUSTER] == f.read(CLUSTER)
+
+
 def test_writer_without_backing_and_abort(tmp_path: Path) -> None:
     top = tmp_path / "solo.qcow2"
     write_qcow2(top, 4 * MiB, backing=None, data={3: b"\x07" * CLUSTER})

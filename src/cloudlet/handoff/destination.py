@@ -102,11 +102,16 @@ class HandoffDestination:
             forwards=[PortForward(p, 0, self.vm_bind, auto=True) for p in ports],
             name=name,
         )
+        applier: RecordApplier | None = None
         try:
             base_disk = base.path("disk.raw").stat().st_size
             sizes = _Sizes(hw.memory_bytes, base_disk)
             parts = {n: vm.dir / n for n in ("memory.ram", "disk.qcow2", "devstate")}
-            applier = RecordApplier(sizes, base.ref(), parts, str(base.path("disk.raw")))
+            # The disk layer is a valid (empty) qcow2 from the start, so the VM's QEMU can be
+            # started now, not in the downtime (see VMManager.launch_incoming).
+            applier = RecordApplier(
+                sizes, base.ref(), parts, str(base.path("disk.raw")), disk_openable=True
+            )
             await asyncio.to_thread(applier.start)
             ds_dict = devstate_dictionary(base.path("devstate").read_bytes())
             base_mem_pages = base.path("memory.ram").stat().st_size // PAGE
@@ -118,7 +123,11 @@ class HandoffDestination:
                 devstate_size=MAX_DEVSTATE,
                 xor_current=True,  # each round's pages against what this side holds
             )
+            vm = await self.vms.launch_incoming(vm.id)
         except BaseException:
+            if applier is not None:
+                with contextlib.suppress(Exception):
+                    applier.close()
             await self.vms.discard(vm)
             raise
         sid = secrets.token_hex(12)
@@ -161,7 +170,7 @@ class HandoffDestination:
                 t_applied = time.monotonic()
                 self.vms.mark_suspended(s.vm)
                 try:
-                    vm, mon = await self.vms.resume_paused(s.vm.id)
+                    vm, mon = await self.vms.resume_paused(s.vm.id, launched=True)
                     t_loaded = time.monotonic()
                     vm = await self.vms.cont(vm.id, mon)
                 except CloudletError as e:

@@ -820,24 +820,63 @@ class VMManager:
                 )
         return vm
 
+    async def launch_incoming(self, vm_id: str) -> VM:
+        """Start the QEMU of a VM whose RAM, disk and device state are still arriving.
+
+        A handoff's destination starts it when the session is prepared, so that QEMU's start
+        (50-250 ms under TCG) is not downtime. QEMU then waits (``-incoming defer``), its
+        vCPUs never run. Until the device state is loaded it does not touch guest RAM (ROM
+        contents are left to the incoming state), and it holds the disk *inactive* and reads
+        it again when the state is loaded, as in a migration over shared storage; so the RAM
+        file and the disk layer may still be written meanwhile. The disk layer must already
+        be a valid qcow2 (``Qcow2Writer(openable=True)``). Later, :meth:`mark_suspended` and
+        ``resume_paused(launched=True)`` load the state. On failure no QEMU is left running.
+        """
+        vm = self.get(vm_id)
+        with self.locked(vm):
+            self._require(vm, VMState.CREATING)
+            await asyncio.to_thread(self._check_hardware, vm, vm.hardware)
+            try:
+                await self._launch(vm, incoming=True)
+            except BaseException:
+                pid = vm.read_pid()
+                if pid and vm.process_alive(pid):
+                    await _kill_and_wait(pid)
+                vm.pid = None
+                vm.save()
+                raise
+        return vm
+
     async def resume_paused(
-        self, vm_id: str, *, forwards: list[PortForward] | None = None
+        self,
+        vm_id: str,
+        *,
+        forwards: list[PortForward] | None = None,
+        launched: bool = False,
     ) -> tuple[VM, Monitor]:
         """Do all of a resume but the last step: QEMU runs, state loaded, vCPUs stopped.
 
         The VM is then ``paused`` and :meth:`cont` starts it in a few milliseconds (standby
         VMs for cached starts). Returns the open QMP session for :meth:`cont` to reuse. On any
-        failure nothing is left running and the VM stays ``suspended``.
+        failure nothing is left running and the VM stays ``suspended``. ``launched``: its QEMU
+        was started by :meth:`launch_incoming` (and the hardware checked then).
         """
         vm = self.get(vm_id)
         with self.locked(vm):
             self._require(vm, VMState.SUSPENDED)
-            await asyncio.to_thread(self._check_snapshot, vm)  # may probe the accelerator
+            # may probe the accelerator
+            await asyncio.to_thread(self._check_snapshot, vm, hardware=not launched)
             if forwards is not None:
                 vm.forwards = forwards
             mon: Monitor | None = None
             try:
-                await self._launch(vm, incoming=True)
+                if launched:
+                    if not vm.pid or not vm.process_alive(vm.pid):
+                        raise QemuStartError(
+                            f"VM {vm.id}: the QEMU started for it ended before its state came"
+                        )
+                else:
+                    await self._launch(vm, incoming=True)
                 mon = await Monitor.connect(vm.qmp_path)
                 await self.load_devstate(vm, mon, vm.devstate_path)
             except BaseException:
@@ -874,7 +913,7 @@ class VMManager:
                 await mon.close()
         return vm
 
-    def _check_snapshot(self, vm: VM) -> None:
+    def _check_snapshot(self, vm: VM, *, hardware: bool = True) -> None:
         snap = vm.snapshot or {}
         if not vm.devstate_path.exists():
             raise SnapshotError(
@@ -886,7 +925,13 @@ class VMManager:
                 f"VM {vm.id}: device state is {size} bytes, "
                 f"the record says {snap.get('devstate_bytes')}"
             )
-        recorded = Hardware.from_dict(snap.get("hardware") or vm.hardware.to_dict())
+        if hardware:
+            self._check_hardware(
+                vm, Hardware.from_dict(snap.get("hardware") or vm.hardware.to_dict())
+            )
+
+    def _check_hardware(self, vm: VM, recorded: Hardware) -> None:
+        """``recorded`` is what this host runs, with the same kernel, and the RAM file fits."""
         here = self.host_hardware(recorded, vm.source.kernel)
         diff = recorded.differences(here)
         if vm.source.kernel is not None and recorded.kernel_sha256:

@@ -188,8 +188,17 @@ class RecordApplier:
     is what applying the records one by one gives, byte for byte.
     """
 
-    def __init__(self, manifest: Sizes, base: BaseRef, parts: dict[str, Path], backing: str):
+    def __init__(
+        self,
+        manifest: Sizes,
+        base: BaseRef,
+        parts: dict[str, Path],
+        backing: str,
+        *,
+        disk_openable: bool = False,
+    ):
         self.m = manifest
+        self.disk_openable = disk_openable  # a valid qcow2 from the start (Qcow2Writer)
         self.parts = parts
         self.fds: list[int] = []
         self.writer: Qcow2Writer | None = None
@@ -244,7 +253,12 @@ class RecordApplier:
         self.dev_fd = self._open(self.parts["devstate"], flags)
         os.ftruncate(self.dev_fd, self.m.devstate_size)
         self.step = "creating the disk layer"
-        self.writer = Qcow2Writer(self.parts["disk.qcow2"], self.m.disk_size, backing=self.backing)
+        self.writer = Qcow2Writer(
+            self.parts["disk.qcow2"],
+            self.m.disk_size,
+            backing=self.backing,
+            openable=self.disk_openable,
+        )
         return copied
 
     def apply(self, kind: Kind, records: Iterable[tuple[Payload, int, int, memoryview]]) -> None:

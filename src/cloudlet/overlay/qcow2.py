@@ -39,7 +39,7 @@ import numpy as np
 
 from cloudlet.hypervisor.qemu import find_tool
 from cloudlet.overlay.errors import Qcow2Error
-from cloudlet.util.sparse import pwrite_all, pwritev_all
+from cloudlet.util.sparse import pwrite_all, pwritev_all, zero_range
 
 CLUSTER_BITS = 16
 CLUSTER = 1 << CLUSTER_BITS
@@ -253,6 +253,11 @@ class Qcow2Writer:
     overwrites it in place afterwards; ``zero_clusters`` sets the v3 zero flag (keeping an
     allocated host cluster as "zero, allocated" so nothing leaks). ``finish`` writes L2, L1,
     refcounts and finally the header. ``abort`` closes without making a valid file.
+
+    ``openable``: the file is a valid, empty image from the start (header, a zero L1 table
+    and refcounts for those clusters), so that a QEMU waiting for an incoming migration can
+    open it (inactive) while the data is still being written; it reads the image again when
+    the migration completes. ``finish`` then frees those first clusters (refcount 0, holes).
     """
 
     def __init__(
@@ -262,6 +267,7 @@ class Qcow2Writer:
         *,
         backing: str | None,
         backing_format: str = "raw",
+        openable: bool = False,
     ) -> None:
         if virtual_size <= 0 or virtual_size % 512:
             raise ValueError(f"virtual size must be a positive multiple of 512: {virtual_size}")
@@ -278,6 +284,26 @@ class Qcow2Writer:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.data_clusters = 0
         self.zero_flagged = 0
+        self._placeholder_end = 1  # clusters 1 .. this-1 hold the placeholder's tables
+        if openable:
+            self._write_placeholder()
+
+    def _write_placeholder(self) -> None:
+        """An empty image: L1 (all zero) at cluster 1, a refcount table and one block after."""
+        cl = CLUSTER
+        l1_size = self._l1_size()
+        l1_clusters = max(1, -(-l1_size * 8 // cl))
+        rt_start = 1 + l1_clusters
+        rb_start = rt_start + 1
+        end = rb_start + 1
+        os.ftruncate(self.fd, end * cl)  # the L1 table: a hole reads as zeros
+        pwrite_all(self.fd, struct.pack(">Q", rb_start * cl), rt_start * cl)
+        pwrite_all(self.fd, np.ones(end, dtype=">u2").tobytes(), rb_start * cl)
+        pwrite_all(self.fd, self._header(l1_size, cl, rt_start * cl, 1), 0)
+        self._next = self._placeholder_end = end
+
+    def _l1_size(self) -> int:
+        return -(-self.virtual_size // (CLUSTER * self.l2_entries))
 
     # -- state -----------------------------------------------------------------------------
     def _table(self, c: int, create: bool) -> np.ndarray | None:
@@ -415,7 +441,7 @@ class Qcow2Writer:
         cl = CLUSTER
         data_end = self._next
         l2_keys = sorted(self._l2)
-        l1_size = -(-self.virtual_size // (cl * self.l2_entries))
+        l1_size = self._l1_size()
         l1_clusters = max(1, -(-l1_size * 8 // cl))
         rb_entries = cl * 8 // (1 << REFCOUNT_ORDER)
         rb, rt = 1, 1
@@ -442,7 +468,9 @@ class Qcow2Writer:
         pwrite_all(self.fd, rtab.tobytes(), rt_start * cl)
         counts = np.zeros(rb * rb_entries, dtype=">u2")
         counts[:total] = 1
+        counts[1 : self._placeholder_end] = 0  # the placeholder's tables: free space now
         pwrite_all(self.fd, counts.tobytes(), rb_start * cl)
+        zero_range(self.fd, cl, (self._placeholder_end - 1) * cl)
         if fsync:
             os.fsync(self.fd)
         pwrite_all(self.fd, self._header(l1_size, l1_start * cl, rt_start * cl, rt), 0)
