@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def test_handoff_moves_state_and_frees_the_source(base_home: Paths, dest_home: P
     assert sum(r["records"].get("xor_current", 0) for r in rep["rounds"]) > 0, rep["rounds"]
     # The downtime, piece by piece.
     assert set(rep["rounds"][-1]["phases"]) == {"pause_s", "devstate_s"}
-    assert set(rep["destination"]["restore"]) == {"apply_s", "load_s", "cont_s"}
+    restore = rep["destination"]["restore"]
+    assert set(restore) == {"apply_s", "load_s", "load_steps", "cont_s"}
+    assert set(restore["load_steps"]) == {"check", "connect", "state", "forwards"}  # no launch
     # The source holds nothing of the VM any more.
     assert VMManager(base_home).list() == []
     assert qemu_pids_mentioning(str(base_home.home)) == []
@@ -191,6 +194,14 @@ def test_idle_destination_session_is_discarded(
         hw = tiny_base.hardware.to_dict()
         s = await dest.prepare({"base_id": tiny_base.base_id, "hardware": hw, "guest_ports": [80]})
         assert s["session"] in dest.sessions
+        # Its QEMU already runs, waiting for the state, but listens on no host port yet.
+        vm = M(dest_home).get(s["vm"])
+        assert vm.pid and vm.process_alive(vm.pid)
+        assert qemu_pids_mentioning(str(dest_home.home)) == [vm.pid]
+        port = vm.forwards[0].host
+        assert port > 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
         for _ in range(40):
             if not dest.sessions:
                 break
@@ -199,6 +210,7 @@ def test_idle_destination_session_is_discarded(
 
     run(go())
     assert M(dest_home).list() == []
+    assert qemu_pids_mentioning(str(dest_home.home)) == []  # the reaper ended its QEMU
 
 
 def test_options_bound_the_rounds(base_home: Paths, dest_home: Paths) -> None:

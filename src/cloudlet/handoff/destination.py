@@ -169,8 +169,9 @@ class HandoffDestination:
                     (s.vm.dir / n_).stat()  # all three must exist
                 t_applied = time.monotonic()
                 self.vms.mark_suspended(s.vm)
+                steps: dict[str, float] = {}
                 try:
-                    vm, mon = await self.vms.resume_paused(s.vm.id, launched=True)
+                    vm, mon = await self.vms.resume_paused(s.vm.id, launched=True, timings=steps)
                     t_loaded = time.monotonic()
                     vm = await self.vms.cont(vm.id, mon)
                 except CloudletError as e:
@@ -195,6 +196,7 @@ class HandoffDestination:
                 "restore": {
                     "apply_s": round(t_applied - t0, 4),
                     "load_s": round(t_loaded - t_applied, 4),
+                    "load_steps": steps,
                     "cont_s": round(t_run - t_loaded, 4),
                 },
                 "meta": s.meta,

@@ -323,7 +323,7 @@ async def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def build_command(vm: VM, *, incoming: bool = False) -> list[str]:
+def build_command(vm: VM, *, incoming: bool = False, hostfwd: bool = True) -> list[str]:
     """The QEMU command line, rebuilt from the hardware description and host-side settings.
 
     Only host-side things (paths, sockets, host ports) may differ between the command line that
@@ -333,7 +333,7 @@ def build_command(vm: VM, *, incoming: bool = False) -> list[str]:
     """
     hw, src = vm.hardware, vm.source
     mem = f"{hw.memory_mib}M"
-    netdev = "user,id=net0" + "".join("," + f.hostfwd() for f in vm.forwards)
+    netdev = "user,id=net0" + ("".join("," + f.hostfwd() for f in vm.forwards) if hostfwd else "")
     cmd = [
         qemu_binary(),
         "-name", f"{vm.process_tag},process={vm.process_tag}",
@@ -366,6 +366,19 @@ def build_command(vm: VM, *, incoming: bool = False) -> list[str]:
     if incoming:
         cmd += ["-S", "-incoming", "defer"]
     return cmd
+
+
+class _Stopwatch:
+    """Seconds between laps, into ``out`` (if given)."""
+
+    def __init__(self, out: dict[str, float] | None) -> None:
+        self.out, self.t = out, time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        if self.out is not None:
+            self.out[name] = round(now - self.t, 4)
+        self.t = now
 
 
 class VMManager:
@@ -594,11 +607,14 @@ class VMManager:
             await self._discard(vm)
             raise
 
-    async def _launch(self, vm: VM, *, incoming: bool) -> None:
-        """Start QEMU (daemonized); retry with new ports if an auto-picked one was taken."""
+    async def _launch(self, vm: VM, *, incoming: bool, hostfwd: bool = True) -> None:
+        """Start QEMU (daemonized); retry with new ports if an auto-picked one was taken.
+
+        ``hostfwd=False``: the host ports are picked but not listened on (see
+        :meth:`_add_forwards`)."""
         for attempt in range(3):
             vm.forwards = portlib.resolve(vm.forwards)  # saved with the pid below
-            cmd = build_command(vm, incoming=incoming)
+            cmd = build_command(vm, incoming=incoming, hostfwd=hostfwd)
             log.debug("launching %s", shlex.join(cmd))
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -837,7 +853,9 @@ class VMManager:
             self._require(vm, VMState.CREATING)
             await asyncio.to_thread(self._check_hardware, vm, vm.hardware)
             try:
-                await self._launch(vm, incoming=True)
+                # No host ports yet: a connection QEMU accepted before the state is loaded
+                # would be lost with the user network it replaces; clients would hang on it.
+                await self._launch(vm, incoming=True, hostfwd=False)
             except BaseException:
                 pid = vm.read_pid()
                 if pid and vm.process_alive(pid):
@@ -847,25 +865,52 @@ class VMManager:
                 raise
         return vm
 
+    async def _add_forwards(self, vm: VM, mon: Monitor) -> None:
+        """Listen on the VM's host ports now (QEMU's ``hostfwd_add``), re-picking an auto
+        port that was taken since it was picked."""
+        fwds = list(vm.forwards)
+        for i, f in enumerate(fwds):
+            for attempt in range(3):
+                rule = f"tcp:{f.host_addr}:{f.host}-:{f.guest}"
+                out = await mon.execute(
+                    "human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"}
+                )
+                if not str(out or "").strip():
+                    break
+                if not f.auto or attempt == 2:
+                    raise ConflictError(
+                        f"QEMU could not listen on host port {f.host_addr}:{f.host}: "
+                        f"{str(out).strip()}",
+                        hint="choose another host port with --forward HOST:GUEST",
+                    )
+                taken = {g.host for g in fwds}
+                f = PortForward(f.guest, portlib.pick_free(f.host_addr, taken), f.host_addr, True)
+                fwds[i] = f
+        vm.forwards = fwds
+
     async def resume_paused(
         self,
         vm_id: str,
         *,
         forwards: list[PortForward] | None = None,
         launched: bool = False,
+        timings: dict[str, float] | None = None,
     ) -> tuple[VM, Monitor]:
         """Do all of a resume but the last step: QEMU runs, state loaded, vCPUs stopped.
 
         The VM is then ``paused`` and :meth:`cont` starts it in a few milliseconds (standby
         VMs for cached starts). Returns the open QMP session for :meth:`cont` to reuse. On any
         failure nothing is left running and the VM stays ``suspended``. ``launched``: its QEMU
-        was started by :meth:`launch_incoming` (and the hardware checked then).
+        was started by :meth:`launch_incoming` (and the hardware checked then). ``timings``
+        gets the seconds of each step (check, launch, connect, state, forwards).
         """
+        t = _Stopwatch(timings)
         vm = self.get(vm_id)
         with self.locked(vm):
             self._require(vm, VMState.SUSPENDED)
             # may probe the accelerator
             await asyncio.to_thread(self._check_snapshot, vm, hardware=not launched)
+            t.lap("check")
             if forwards is not None:
                 vm.forwards = forwards
             mon: Monitor | None = None
@@ -877,8 +922,14 @@ class VMManager:
                         )
                 else:
                     await self._launch(vm, incoming=True)
+                    t.lap("launch")
                 mon = await Monitor.connect(vm.qmp_path)
+                t.lap("connect")
                 await self.load_devstate(vm, mon, vm.devstate_path)
+                t.lap("state")
+                if launched:
+                    await self._add_forwards(vm, mon)
+                    t.lap("forwards")
             except BaseException:
                 if mon is not None:
                     await mon.close()
