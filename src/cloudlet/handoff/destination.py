@@ -54,6 +54,7 @@ class Session:
     bytes: int = 0
     rounds: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    cleanup: asyncio.Future[None] | None = None  # the abort's clean-up, once started
 
 
 class HandoffDestination:
@@ -140,7 +141,7 @@ class HandoffDestination:
 
     def _get(self, sid: str) -> Session:
         s = self.sessions.get(sid)
-        if s is None:
+        if s is None or s.cleanup is not None:
             raise NotFoundError(f"no handoff session {sid!r} (it may have timed out)")
         return s
 
@@ -203,13 +204,27 @@ class HandoffDestination:
             }
 
     async def abort(self, sid: str) -> None:
-        s = self.sessions.pop(sid, None)
+        """Discard the session: its QEMU killed, its VM directory removed.
+
+        The session stays listed until that is done (a caller that sees it gone may rely on
+        it), and the clean-up runs to its end even if the caller is cancelled.
+        """
+        s = self.sessions.get(sid)
         if s is None:
             return
+        if s.cleanup is None:
+            s.cleanup = asyncio.ensure_future(self._discard(s))
+        try:
+            await asyncio.shield(s.cleanup)
+        finally:
+            if s.cleanup.done():
+                self.sessions.pop(sid, None)
+
+    async def _discard(self, s: Session) -> None:
         with contextlib.suppress(Exception):
             s.applier.close()
         await self.vms.discard(s.vm)
-        log.info("handoff session %s aborted; VM %s discarded", sid, s.vm.id)
+        log.info("handoff session %s aborted; VM %s discarded", s.id, s.vm.id)
 
     async def _apply(self, s: Session, chunks: AsyncIterator[bytes]) -> int:
         dec = FrameDecoder(s.limits, s.devstate_dict)

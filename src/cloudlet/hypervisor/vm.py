@@ -343,7 +343,12 @@ def build_command(vm: VM, *, incoming: bool = False, hostfwd: bool = True) -> li
         "-m", mem,
         "-object", f"memory-backend-file,id=ram0,size={mem},mem-path={vm.ram_path},share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-        "-drive", f"file={vm.disk_path},format=qcow2,if=none,id=disk0,cache=writeback",
+        # drop-cache=off: QEMU drops the page cache of its images when an incoming migration
+        # completes (for storage shared between hosts). Every writer of ours is on this host,
+        # so the cache is never stale; dropping it cost ~110 ms of handoff downtime (flushing
+        # the layer just written) and left the guest reading its disk cold.
+        "-drive", f"file={vm.disk_path},format=qcow2,if=none,id=disk0,cache=writeback,"
+                  "file.drop-cache=off,backing.file.drop-cache=off",
         "-device", "virtio-blk-pci,drive=disk0",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",
@@ -747,7 +752,9 @@ class VMManager:
             )
         if vm.pid and vm.process_alive():
             await _kill_and_wait(vm.pid)
-        shutil.rmtree(vm.dir)
+        # In a thread: freeing a GiB-sized RAM file's page cache takes a good part of a second,
+        # which the server's event loop (other requests, a handoff's answer) must not wait for.
+        await asyncio.to_thread(shutil.rmtree, vm.dir)
 
     async def pause(self, vm: VM, mon: Monitor) -> None:
         """Pause the vCPUs and wait for QEMU's STOP event (no polling)."""
