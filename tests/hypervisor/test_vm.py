@@ -250,6 +250,23 @@ def test_resume_refuses_mismatched_hardware(home: Paths, src: BootSource) -> Non
     assert counter(vm.host_port(80))["memory"] == 1
 
 
+def test_delete_kills_a_qemu_whose_pid_was_never_recorded(home: Paths, src: BootSource) -> None:
+    """A process killed between QEMU's start and the record of its pid leaves neither pid nor
+    pidfile: deleting the VM still finds its QEMU (by its directory) and kills it."""
+    mgr = VMManager(home)
+    vm = run(mgr.start(src))
+    pid = vm.pid
+    assert pid
+    d = read_json(vm.dir / VM_RECORD)
+    d["pid"] = None
+    atomic_write_json(vm.dir / VM_RECORD, d)
+    (vm.dir / "qemu.pid").unlink()
+    assert qemu_pids_mentioning(str(home.home)) == [pid]
+    run(mgr.delete(vm.id, force=True))
+    assert qemu_pids_mentioning(str(home.home)) == []
+    assert not vm.dir.exists()
+
+
 def test_qemu_killed_behind_our_back_is_crashed(home: Paths, src: BootSource) -> None:
     mgr = VMManager(home)
     vm = run(mgr.start(src))

@@ -60,6 +60,7 @@ from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
 from cloudlet.util.hashing import file_sha256
 from cloudlet.util.names import check_name
 from cloudlet.util.procs import pid_alive as _pid_alive
+from cloudlet.util.procs import qemu_pids_mentioning
 
 log = logging.getLogger("cloudlet.hypervisor")
 
@@ -299,6 +300,16 @@ def _new_id() -> str:
     return secrets.token_hex(4)
 
 
+async def _kill_all(vm: VM) -> None:
+    """Kill every QEMU of ``vm``: the recorded pid, the pidfile's, and any process whose command
+    line names the VM's directory (a process killed between QEMU's start and the record of its
+    pid left it in neither)."""
+    pids = {p for p in (vm.pid, vm.read_pid()) if p and vm.process_alive(p)}
+    pids |= set(qemu_pids_mentioning(f"{vm.dir}/"))
+    for pid in pids:
+        await _kill_and_wait(pid)
+
+
 async def _kill_and_wait(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -494,9 +505,7 @@ class VMManager:
 
     async def _discard(self, vm: VM) -> None:
         """Undo a failed creation: kill its QEMU (if any) and remove its directory."""
-        pid = vm.read_pid() or vm.pid
-        if pid and vm.process_alive(pid):
-            await _kill_and_wait(pid)
+        await _kill_all(vm)
         shutil.rmtree(vm.dir, ignore_errors=True)
 
     def new_vm(
@@ -750,8 +759,7 @@ class VMManager:
                 f"VM {vm.id} is {vm.state.value}",
                 hint=f"stop it first (`cloudlet vm stop {vm.id}`) or use --force",
             )
-        if vm.pid and vm.process_alive():
-            await _kill_and_wait(vm.pid)
+        await _kill_all(vm)
         # In a thread: freeing a GiB-sized RAM file's page cache takes a good part of a second,
         # which the server's event loop (other requests, a handoff's answer) must not wait for.
         await asyncio.to_thread(shutil.rmtree, vm.dir)
