@@ -175,34 +175,20 @@ def test_record_applier_apply_takes_iter_records(tmp_path: Path) -> None:
     base = make_small_base(tmp_path / "base", np.random.default_rng(7))
     segs = build(8)
     mem, disk = model(base, segs)
-    out = tmp_path / "vm"
-    out.mkdir()
-    parts = {n: out / n for n in ("memory.ram", "disk.qcow2", "devstate")}
-
-    class Sizes:
-        memory_size = MEM_PAGES * PAGE
-        disk_size = DISK_PAGES * PAGE
-        devstate_size = 0
-
-    limits = RecordLimits(MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0)
-    app = RecordApplier(Sizes(), base, parts, str(base.disk))
-    try:
-        app.start()
-        for seq, (kind, recs) in enumerate(segs):
-            raw = b"".join(rec(*r) for r in recs)
-            app.apply(kind, list(iter_records(kind, raw, len(recs), limits, seq)))
-        app.finish(fsync=False)
-    finally:
-        app.close()
+    parts = _apply_as_handoff(base, segs, tmp_path / "vm", xor_current=False)
     assert parts["memory.ram"].read_bytes() == mem
     assert guest_disk(parts["disk.qcow2"], tmp_path) == disk
     assert os.path.getsize(parts["devstate"]) == 0
 
 
 def _apply_as_handoff(
-    base: BaseRef, segs: list[tuple[Kind, list[tuple[int, int, int, bytes]]]], out: Path
+    base: BaseRef,
+    segs: list[tuple[Kind, list[tuple[int, int, int, bytes]]]],
+    out: Path,
+    xor_current: bool = True,
 ) -> dict[str, Path]:
-    """Apply with the handoff destination's limits (xor-current records allowed)."""
+    """Apply as the handoff destination does: ``RecordApplier.apply`` with iter_records'
+    tuples (and, as it does, xor-current records allowed)."""
     out.mkdir()
     parts = {n: out / n for n in ("memory.ram", "disk.qcow2", "devstate")}
 
@@ -212,7 +198,7 @@ def _apply_as_handoff(
         devstate_size = 0
 
     limits = RecordLimits(
-        MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0, xor_current=True
+        MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0, xor_current=xor_current
     )
     app = RecordApplier(Sizes(), base, parts, str(base.disk))
     try:
