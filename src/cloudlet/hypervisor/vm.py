@@ -872,9 +872,7 @@ class VMManager:
                 # would be lost with the user network it replaces; clients would hang on it.
                 await self._launch(vm, incoming=True, hostfwd=False)
             except BaseException:
-                pid = vm.read_pid()
-                if pid and vm.process_alive(pid):
-                    await _kill_and_wait(pid)
+                await _kill_all(vm)
                 vm.pid = None
                 vm.save()
                 raise
