@@ -58,6 +58,7 @@ from cloudlet.overlay.format import MAX_DEVSTATE_RECORD, PAGE, Kind, Payload, pa
 from cloudlet.overlay.index import PageLookup, load_index
 from cloudlet.overlay.qcow2 import TopLayer
 from cloudlet.synthesis.base import BaseStore, BaseVM
+from cloudlet.util.procs import renice
 from cloudlet.util.sparse import data_extents
 
 log = logging.getLogger("cloudlet.handoff")
@@ -613,6 +614,10 @@ class HandoffSource:
 
     async def _end_source(self, vm: VM) -> None:
         pid = vm.pid
+        if pid and vm.process_alive(pid):
+            # Its exit (unmapping the guest's RAM) is clean-up: behind the guests of this host,
+            # such as the moved VM itself when both cloudlets share one, as in the bench.
+            renice(pid)
         try:
             async with await Monitor.connect(vm.qmp_path, timeout=3) as mon:
                 with contextlib.suppress(Exception):

@@ -60,7 +60,7 @@ from cloudlet.util.fs import atomic_write_json, fsync_dir, read_json
 from cloudlet.util.hashing import file_sha256
 from cloudlet.util.names import check_name
 from cloudlet.util.procs import pid_alive as _pid_alive
-from cloudlet.util.procs import qemu_pids_mentioning
+from cloudlet.util.procs import qemu_pids_mentioning, run_idle
 
 log = logging.getLogger("cloudlet.hypervisor")
 
@@ -760,9 +760,9 @@ class VMManager:
                 hint=f"stop it first (`cloudlet vm stop {vm.id}`) or use --force",
             )
         await _kill_all(vm)
-        # In a thread: freeing a GiB-sized RAM file's page cache takes a good part of a second,
-        # which the server's event loop (other requests, a handoff's answer) must not wait for.
-        await asyncio.to_thread(shutil.rmtree, vm.dir)
+        # Freeing a GiB-sized RAM file's page cache takes a good part of a second: not on the
+        # server's event loop, and at idle priority, behind the guests that run on this host.
+        await run_idle(shutil.rmtree, vm.dir)
 
     async def pause(self, vm: VM, mon: Monitor) -> None:
         """Pause the vCPUs and wait for QEMU's STOP event (no polling)."""

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+IDLE_NICE = 19
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,3 +56,46 @@ def qemu_pids_mentioning(text: str) -> list[int]:
         if b"qemu-system" in cmd.split(b"\0", 1)[0] and needle in cmd:
             out.append(int(d.name))
     return out
+
+
+def renice(pid: int, nice: int = IDLE_NICE) -> None:
+    """Give every thread of ``pid`` this nice value (Linux keeps one per thread); best effort."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+
+
+async def run_idle(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a new thread at the lowest CPU priority and wait for it.
+
+    For clean-up that must not compete with running guests: freeing a GiB RAM file's page
+    cache, say, right when a handed-off VM on the same host starts answering. A thread of its
+    own, because a pool thread would keep the priority for whatever it runs next.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def work() -> None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IDLE_NICE)
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task
+            loop.call_soon_threadsafe(done, None, e)
+        else:
+            loop.call_soon_threadsafe(done, result, None)
+
+    threading.Thread(target=work, name="cloudlet-idle", daemon=True).start()
+    return await fut
