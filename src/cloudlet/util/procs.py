@@ -90,12 +90,13 @@ async def run_idle(fn: Callable[..., Any], *args: Any) -> Any:
     def work() -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IDLE_NICE)
+        result, error = None, None
         try:
             result = fn(*args)
         except BaseException as e:  # handed to the awaiting task
-            loop.call_soon_threadsafe(done, None, e)
-        else:
-            loop.call_soon_threadsafe(done, result, None)
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(done, result, error)
 
     threading.Thread(target=work, name="cloudlet-idle", daemon=True).start()
     return await fut
