@@ -946,9 +946,7 @@ class VMManager:
             except BaseException:
                 if mon is not None:
                     await mon.close()
-                pid = vm.read_pid()
-                if pid and vm.process_alive(pid):
-                    await _kill_and_wait(pid)
+                await _kill_all(vm)
                 vm.pid = None
                 vm.state = VMState.SUSPENDED
                 vm.save()
