@@ -615,8 +615,8 @@ def _requests(src: Poller, dst: Poller, t0: float, around: list[float]) -> dict[
     out: dict[str, Any] = {}
     for name, p in (("source", src), ("dest", dst)):
         out[name] = [
-            [round(s - t0, 3), round(e - t0, 3), ok]
-            for s, e, ok in p.log
+            [round(s - t0, 3), round(e - t0, 3), ok, *([note] if note else [])]
+            for s, e, ok, note in p.log
             if any(m - 5 <= e - t0 <= m + 5 for m in around)
         ]
     return out

@@ -515,31 +515,82 @@ def listening_ports(addr: str) -> set[int]:
     return ports
 
 
+class _Response(asyncio.Protocol):
+    """One HTTP/1.0 answer as it arrives, kept even when the connection is reset after it.
+
+    asyncio's ``StreamReader`` raises a reset on the next ``read`` and drops what it had
+    buffered; an answer whose last byte arrived before the reset was still given, and a client
+    that knows the body's length (``Content-Length``) has it in full.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.error: BaseException | None = None
+        self.eof = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def complete(self) -> bool:
+        """Headers and a ``Content-Length`` body all here (no need to wait for the close)."""
+        head, sep, body = bytes(self.buf).partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        return m is not None and len(body) >= int(m.group(1))
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.complete():
+            self._finish()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._finish()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.error = exc
+        self._finish()
+
+
 async def http_get(
     host: str, port: int, path: str, timeout: float
-) -> tuple[bool, int | None, bytes]:
-    """One ``GET`` over a fresh connection: (answered 200, counter value if any, body)."""
+) -> tuple[bool, int | None, bytes, str]:
+    """One ``GET`` over a fresh connection: (answered 200 whole, counter value if any, body, note).
+
+    An answer counts when it is whole: its ``Content-Length`` body arrived, or (without one)
+    the connection closed cleanly. The note says what happened when it was not ("200, body
+    cut by ConnectionResetError after 0 of 57 bytes"), so the downtime figure can be read.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, TimeoutError):
-        return False, None, b""
+        tr, proto = await asyncio.wait_for(loop.create_connection(_Response, host, port), timeout)
+    except (OSError, TimeoutError) as e:
+        return False, None, b"", f"connect: {type(e).__name__}"
     try:
-        w.write(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
-        data = await asyncio.wait_for(r.read(65536), timeout)
-        if not data.startswith(b"HTTP/") or b" 200 " not in data.split(b"\r\n", 1)[0]:
-            return False, None, b""
-        with contextlib.suppress(TimeoutError, OSError):
-            rest = await asyncio.wait_for(r.read(), timeout)
-            data += rest
-        m = _VALUE.search(data)
-        body = data.split(b"\r\n\r\n", 1)[-1]
-        return True, int(m.group(1)) if m else None, body[:200]
-    except (OSError, TimeoutError, ConnectionError):
-        return False, None, b""
+        tr.write(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(proto.done), timeout)
     finally:
-        w.close()
-        with contextlib.suppress(Exception):
-            await w.wait_closed()
+        tr.close()
+    data = bytes(proto.buf)
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not data.startswith(b"HTTP/") or b" 200 " not in data.split(b"\r\n", 1)[0]:
+        how = type(proto.error).__name__ if proto.error else ("eof" if proto.eof else "timeout")
+        return False, None, b"", f"no 200 ({len(data)} bytes, then {how})"
+    whole = proto.complete() or (
+        proto.eof and proto.error is None and not re.search(rb"(?im)^content-length:", head)
+    )
+    if not whole:
+        how = type(proto.error).__name__ if proto.error else ("eof" if proto.eof else "timeout")
+        m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        want = f" of {int(m.group(1))}" if m else ""
+        return False, None, b"", f"200, body cut by {how} after {len(body)}{want} bytes"
+    m = _VALUE.search(body)
+    return True, int(m.group(1)) if m else None, body[:200], ""
 
 
 @dataclass
@@ -578,7 +629,8 @@ class Poller:
     fresh_after: float = 0.25
     max_inflight: int = 3
     answers: list[Answer] = field(default_factory=list)
-    log: list[tuple[float, float, bool]] = field(default_factory=list)  # sent, done, answered
+    # sent, done, answered, and a note when the answer was not whole (see ``http_get``)
+    log: list[tuple[float, float, bool, str]] = field(default_factory=list)
     failures: int = 0
     requests: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -627,7 +679,7 @@ class Poller:
     async def _loop(self) -> None:
         ignore = listening_ports(self.host) if self.port is None else set()
         self._ready.set()
-        inflight: dict[asyncio.Task[tuple[bool, int | None, bytes]], tuple[float, int]] = {}
+        inflight: dict[asyncio.Task[tuple[bool, int | None, bytes, str]], tuple[float, int]] = {}
         last_sent = 0.0
         port = self.port
         tried: list[int] = []  # discovery: new ports, asked in turn until one is the service
@@ -659,8 +711,8 @@ class Poller:
                 t_done = time.monotonic()
                 for t in done:
                     sent, p = inflight.pop(t)
-                    ok, value, body = t.result()
-                    self.log.append((sent, t_done, ok))
+                    ok, value, body, note = t.result()
+                    self.log.append((sent, t_done, ok, note))
                     if ok and self.port is None and port is None and value is None:
                         # Another port of the same VM (its base forwards more guest ports than
                         # the service)? After 3 such answers, never ask it again.
