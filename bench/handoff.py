@@ -507,6 +507,20 @@ def source_poller(bench: Bench, guest: Guest, inst: dict[str, Any]) -> Poller:
     return Poller.source(bench.path.ns_a, VM_ADDR, guest.poll_path, port, bench.args.poll_interval)
 
 
+def tell_dest_port(bench: Bench, guest: Guest, dst: Poller, done: threading.Event) -> None:
+    """Tell the destination's client the service's host port as soon as server B has planned
+    it (at prepare; its session VM, ``inst-in-*``, in ``GET /v1/vms``), as a real client is
+    told where its service went, so that it asks only the service. Until then it discovers.
+    Kept up to date: B picks the port again if it was taken meanwhile."""
+    while not done.is_set():
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            for v in bench.b.c.get("/v1/vms", timeout=5).json():
+                url = v["endpoints"].get(str(guest.poll_port))
+                if v["name"].startswith("inst-in-") and url:
+                    dst.hint = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        done.wait(0.2)
+
+
 def settle_pollers(src: Poller, dst: Poller, wait_s: float = 2.0, limit: float = 60) -> None:
     """Let the destination answer a few times (or give up after ``limit``), then stop both."""
     deadline = time.monotonic() + limit
@@ -525,9 +539,14 @@ def handoff_run(
     inst, dirty0 = prepare_source(bench, guest)
     probe = measure_path(bench)
     src = source_poller(bench, guest, inst).start()
-    dst = Poller.dest(
+    dst = Poller.dest_after_load(
         bench.path.ns_b, VM_ADDR, guest.poll_path, None, bench.args.poll_interval
     ).start()
+    told = threading.Event()
+    watcher = threading.Thread(
+        target=tell_dest_port, args=(bench, guest, dst, told), name="dest-port", daemon=True
+    )
+    watcher.start()
     time.sleep(0.5)
     px0, veth0 = bench.proxy.stats(), bench.path.veth_bytes()
     body = {
@@ -544,6 +563,8 @@ def handoff_run(
         op = wait_op(bench.a.c, r.json()["operation"], bench.args.handoff_timeout)
     wall = time.monotonic() - t0
     settle_pollers(src, dst)
+    told.set()
+    watcher.join(5)
     px1, veth1 = bench.proxy.stats(), bench.path.veth_bytes()
     out: dict[str, Any] = {
         "contender": "handoff",
@@ -594,6 +615,7 @@ def handoff_run(
         k: rep["compression"][k] for k in ("current", "link_mbps", "changes", "estimates")
     }
     out["throttle"] = rep.get("throttle", [])
+    out["final_burst_s"] = rep.get("final_burst_s")
     dest = rep["destination"]
     if guest.dirty:
         after = dirtier_progress(bench.b.paths, dest["vm"])

@@ -82,6 +82,11 @@ class HandoffOptions:
     throttle_first: float = 0.8  # first throttle: the VM held 80% of the time
     throttle_max: float = 0.97  # at most: the VM still runs 3% of the time
     throttle_period_s: float = 0.1
+    # A VM that was throttled runs unthrottled this long before the final pause, so that the
+    # requests it holds are answered: held 97% of the time, a service answers about once a
+    # second, and without this its last answer could come that long before the pause. The
+    # cost is what the VM dirties meanwhile, in the final round.
+    final_burst_s: float = 0.05
 
 
 @dataclass
@@ -434,6 +439,7 @@ class HandoffSource:
         self.vms = VMManager(paths)
         self.rounds: list[RoundStats] = []
         self.throttle_steps: list[dict[str, float]] = []
+        self.burst_s = 0.0  # measured: the throttle's end to the final pause (when throttled)
 
     async def run(self) -> dict[str, Any]:
         vm = self.vms.get(self.vm_id)
@@ -473,6 +479,7 @@ class HandoffSource:
             "bytes_on_wire": sum(r.wire_bytes for r in self.rounds),
             "compression": self.ctl.snapshot(),
             "throttle": self.throttle_steps,
+            "final_burst_s": round(self.burst_s, 4),
         }
 
     async def _transfer(
@@ -492,9 +499,14 @@ class HandoffSource:
                     await self._precopy(vm, enc, session, throttle)
                 finally:
                     await throttle.close()  # the VM runs again; the pause below is the real one
+                t_free = time.monotonic()
+                if self.throttle_steps and self.opts.final_burst_s > 0:
+                    await asyncio.sleep(self.opts.final_burst_s)  # see HandoffOptions
             except BaseException:
                 await self.link.abort(session)
                 raise
+            if self.throttle_steps:
+                self.burst_s = time.monotonic() - t_free
             return await self._stop_and_copy(vm, enc, session, mon)
         finally:
             with contextlib.suppress(Exception):
