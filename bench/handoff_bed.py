@@ -602,22 +602,27 @@ class Poller:
     VM is paused and holds it until the guest runs), a fresh one is sent whenever the newest
     is ``fresh_after`` old, up to ``max_inflight`` at once.
 
-    Two profiles, because the two sides need different things:
+    Three profiles, because the sides need different things:
 
     - the source (:meth:`source`): strictly one request at a time and a long timeout. A VM
       that is slow but running must not be flooded (TCG guests slow down a lot while QEMU
       tracks dirty pages; piling requests on one made it stop answering altogether in a
       trial run), and a slow answer is still an answer;
-    - the destination (:meth:`dest`): up to 5 at once, a fresh one every 0.1 s, 1 s timeout.
-      Connections made to a destination QEMU before its device state is loaded are lost (the
-      incoming state replaces its user network), so a recent request, at most ~0.2 s old,
-      must be waiting when the guest starts; the few sent after the load are what the guest
-      answers first.
+    - a destination QEMU that listens from its start (QEMU's own migration, :meth:`dest`):
+      up to 5 at once, a fresh one every 0.1 s, 1 s timeout. Connections made to it before
+      its device state is loaded are lost (the incoming state replaces its user network), so
+      a recent request, at most ~0.2 s old, must be waiting when the guest starts; the few
+      sent after the load are what the guest answers first;
+    - a destination that listens only once the state is loaded (cloudlet's handoff,
+      :meth:`dest_after_load`): as the source, one at a time.
 
     With ``port=None`` the poller discovers the service: the ports that start listening on
     ``host`` after the poller started (the destination's VM gets its ports when it is
     launched) are asked in turn, and the first that answers with a counter is the service
-    (a VM may forward more guest ports than the service's: its base's web page, say).
+    (a VM may forward more guest ports than the service's: its base's web page, say). Once
+    ``hint`` is set (from another thread: the port the destination planned for the service),
+    only that port is asked and nothing is discovered: asking the other ports loads the guest
+    just as it resumes (the Debian base's web page is a busybox ``httpd`` forking per request).
     """
 
     ns: str | None
@@ -637,6 +642,7 @@ class Poller:
     _thread: threading.Thread | None = None
     _ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    hint: int | None = None  # the service's port, when someone learns it (see above)
 
     @classmethod
     def source(
@@ -652,6 +658,15 @@ class Poller:
             ns, host, path, port=port, interval=interval, timeout=1.0, fresh_after=0.1,
             max_inflight=5,
         )  # fmt: skip
+
+    @classmethod
+    def dest_after_load(
+        cls, ns: str | None, host: str, path: str, port: int | None, interval: float = 0.01
+    ) -> Poller:
+        """A destination that listens only once the VM's state is loaded (cloudlet's handoff
+        since run 4): a connection it accepts is never lost, so one request at a time, as on
+        the source; refused ones are asked again every ``interval``."""
+        return cls(ns, host, path, port=port, interval=interval, timeout=3.0, max_inflight=1)
 
     def start(self) -> Poller:
         self._thread = threading.Thread(target=self._main, name=f"poller-{self.ns}", daemon=True)
@@ -685,6 +700,8 @@ class Poller:
         tried: list[int] = []  # discovery: new ports, asked in turn until one is the service
         plain: dict[int, int] = {}  # discovery: answers without a counter, per port
         while not self._stop.is_set():
+            if self.port is None and self.hint is not None and port != self.hint:
+                port = self.hint  # told where the service listens: ask only there
             if self.port is None and port is None:
                 new = sorted(listening_ports(self.host) - ignore)
                 tried += [q for q in new if q not in tried]

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -282,6 +283,62 @@ def test_an_answer_cut_short_on_the_services_port_is_not_an_answer() -> None:
         assert poller.failures >= 3
         srv.close()
         loop.run_until_complete(srv.wait_closed())
+    finally:
+        poller.stop()
+        loop.close()
+
+
+def test_a_poller_told_the_port_asks_only_there_one_request_at_a_time() -> None:
+    """Told the service's port (the bench reads it from the destination's API), the
+    destination's client never asks the VM's other ports, and never has two requests out."""
+    host = "127.0.0.11"
+    page_port, counter_port = sorted(free_port(host) for _ in range(2))
+    asked: list[int] = []
+    inflight, most = 0, 0
+
+    def counting(port: int, answer: bytes) -> Any:
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal inflight, most
+            inflight += 1
+            most = max(most, inflight)
+            asked.append(port)
+            try:
+                await r.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(0.05)  # a slow guest: a second request would overlap
+                w.write(answer % len(asked))
+                await w.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                inflight -= 1
+                w.close()
+
+        return handle
+
+    poller = Poller.dest_after_load(None, host, "/", None).start()
+    loop = asyncio.new_event_loop()
+    try:
+        page = loop.run_until_complete(
+            asyncio.start_server(counting(page_port, b"HTTP/1.0 200 OK\r\n\r\npage %d\n"),
+                                 host, page_port)
+        )  # fmt: skip
+        poller.hint = counter_port
+        svc = loop.run_until_complete(
+            asyncio.start_server(counting(counter_port, b"HTTP/1.0 200 OK\r\n\r\nmemory=%d\n"),
+                                 host, counter_port)
+        )  # fmt: skip
+        deadline = time.monotonic() + 5
+        while len(poller.answers) < 4:
+            loop.run_until_complete(asyncio.sleep(0.01))
+            assert time.monotonic() < deadline, poller.log
+        poller.stop()
+        assert set(asked) == {counter_port}
+        assert most == 1
+        assert {a.port for a in poller.answers} == {counter_port}
+        loop.run_until_complete(asyncio.sleep(0.1))  # the last handler ends
+        for srv in (page, svc):
+            srv.close()
+            loop.run_until_complete(srv.wait_closed())
     finally:
         poller.stop()
         loop.close()
