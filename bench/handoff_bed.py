@@ -567,7 +567,8 @@ async def http_get(
     """
     loop = asyncio.get_running_loop()
     try:
-        tr, proto = await asyncio.wait_for(loop.create_connection(_Response, host, port), timeout)
+        async with asyncio.timeout(timeout):  # (wait_for can leak a socket made as it ends)
+            tr, proto = await loop.create_connection(_Response, host, port)
     except (OSError, TimeoutError) as e:
         return False, None, b"", f"connect: {type(e).__name__}"
     try:

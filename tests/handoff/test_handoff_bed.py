@@ -315,14 +315,15 @@ def test_a_poller_told_the_port_asks_only_there_one_request_at_a_time() -> None:
 
         return handle
 
-    poller = Poller.dest_after_load(None, host, "/", None).start()
+    poller = Poller.dest_after_load(None, host, "/", None)
+    poller.hint = counter_port  # told before any port listens: nothing to discover
+    poller.start()
     loop = asyncio.new_event_loop()
     try:
         page = loop.run_until_complete(
             asyncio.start_server(counting(page_port, b"HTTP/1.0 200 OK\r\n\r\npage %d\n"),
                                  host, page_port)
         )  # fmt: skip
-        poller.hint = counter_port
         svc = loop.run_until_complete(
             asyncio.start_server(counting(counter_port, b"HTTP/1.0 200 OK\r\n\r\nmemory=%d\n"),
                                  host, counter_port)
