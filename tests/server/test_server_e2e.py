@@ -224,8 +224,22 @@ def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
     server.start()  # with the bootstrap (base VM tiny is already here: that step is skipped)
     with server.client() as c:
         (op,) = [o for o in c.get("/v1/operations").json() if o["kind"] == "bootstrap"]
+        early = c.post("/v1/instances", json={"service_id": "org.cloudlet.sample"})
+        if early.status_code == 404:  # asked while the defaults are set up: told why
+            assert op["id"] in early.json()["hint"], early.json()
+            assert "still setting up" in early.json()["hint"]
+        else:  # (the bootstrap was done already: it started)
+            assert early.status_code in (200, 202), early.text
         done = wait_op(c, op["id"])
         assert done["state"] == "succeeded", done
+        deadline = time.monotonic() + 10  # the server logs it just after the operation ends
+        while "embedded defaults ready in" not in server.log.read_text():
+            assert time.monotonic() < deadline, server.log.read_text()[-2000:]
+            time.sleep(0.05)
+        assert f"setting up the embedded defaults (operation {op['id']})" in server.log.read_text()
+        # Asked now for a service that is not there, the usual hint again.
+        nope = c.get("/v1/services/org.example.nope").json()
+        assert nope["hint"] == "see `cloudlet service list`"
         assert done["result"]["created"] == ["service"]
         svc = c.get("/v1/services/org.cloudlet.sample").json()
         assert svc["base"] == "tiny" and svc["guest_ports"] == [80]

@@ -7,10 +7,13 @@ running instances, the idle reaper, the bootstrap) and :meth:`Cloudlet.close` at
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,9 +31,12 @@ from cloudlet.services.handoff import HandoffManager
 from cloudlet.services.host import host_info
 from cloudlet.services.instances import InstanceManager
 from cloudlet.services.overlays import DEFAULT_MAX_UPLOAD, OverlayStore
-from cloudlet.services.registry import ServiceRegistry
+from cloudlet.services.registry import MISSING_HINT, ServiceRegistry
 
 SERVER_LOCK = "server.lock"
+
+
+log = logging.getLogger("cloudlet.server")
 
 
 @dataclass
@@ -85,6 +91,7 @@ class Cloudlet:
         self.vms = VMManager(paths)
         self._lock_fd: int | None = None
         self.bootstrap_op: str | None = None
+        self._bootstrap_watch: asyncio.Task[None] | None = None
 
     def _tell_devices_moved(self, sid: str, inst: dict[str, Any], users: list[str]) -> None:
         """After a handoff: a "moved" message for the devices that use the service."""
@@ -115,10 +122,34 @@ class Cloudlet:
         from cloudlet.services import bootstrap
 
         if self.settings.bootstrap and not bootstrap.is_done(self):
-            self.bootstrap_op = self.runner.submit(
+            op = self.runner.submit(
                 "bootstrap", lambda ctx: bootstrap.bootstrap(self, ctx), target="services"
             )
+            self.bootstrap_op = op
+            log.info(
+                "setting up the embedded defaults (operation %s): image %s, base VM %s, "
+                "service %s",
+                op, bootstrap.SAMPLE_IMAGE, bootstrap.SAMPLE_BASE, bootstrap.SAMPLE_SERVICE,
+            )  # fmt: skip
+            # A client that asks for the sample meanwhile is told why it is not there yet.
+            self.registry.missing_hint = (
+                f"this server is still setting up its embedded defaults, "
+                f"{bootstrap.SAMPLE_SERVICE} among them (operation {op}: "
+                f"`GET /v1/operations/{op}`); try again when it has finished"
+            )
+            self._bootstrap_watch = asyncio.create_task(self._bootstrap_ended(op))
         return report
+
+    async def _bootstrap_ended(self, op: str) -> None:
+        t0 = time.monotonic()
+        try:
+            d = await self.runner.wait(op)
+        finally:
+            self.registry.missing_hint = MISSING_HINT
+        if d["state"] == "succeeded":
+            log.info("embedded defaults ready in %.0f s: %s", time.monotonic() - t0, d["result"])
+        else:
+            log.warning("setting up the embedded defaults %s: %s", d["state"], d.get("error"))
 
     def _take_lock(self) -> None:
         fd = os.open(self.paths.home / SERVER_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
@@ -136,6 +167,10 @@ class Cloudlet:
 
     async def close(self) -> None:
         """Stop background work. Instances keep running (a restarted server re-adopts them)."""
+        if self._bootstrap_watch is not None:
+            self._bootstrap_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bootstrap_watch
         await self.handoff.close()
         await self.instances.close()
         await self.runner.close()

@@ -64,6 +64,9 @@ def spec_of(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in keys}
 
 
+MISSING_HINT = "see `cloudlet service list`"
+
+
 class ServiceRegistry:
     def __init__(self, catalog: Catalog, paths: Paths, overlays: OverlayStore) -> None:
         self.catalog = catalog
@@ -75,12 +78,14 @@ class ServiceRegistry:
         # The listing, valid while neither the catalog nor the snapshot cache changed: the
         # listing is the API's hottest read and costs ~1 ms of ORM work to rebuild.
         self._view: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+        # What "no service" suggests; the server says more while it sets up its defaults.
+        self.missing_hint = MISSING_HINT
 
     def _row(self, s: Any, sid: str) -> ServiceRow:
         check_service_id(sid)
         r = s.get(ServiceRow, sid)
         if r is None:
-            raise NotFoundError(f"no service {sid!r}", hint="see `cloudlet service list`")
+            raise NotFoundError(f"no service {sid!r}", hint=self.missing_hint)
         return r
 
     def _counts(self, s: Any) -> dict[str, int]:
@@ -100,7 +105,7 @@ class ServiceRegistry:
         for d in self.list():
             if d["service_id"] == sid:
                 return dict(d)
-        raise NotFoundError(f"no service {sid!r}", hint="see `cloudlet service list`")
+        raise NotFoundError(f"no service {sid!r}", hint=self.missing_hint)
 
     def list(self) -> list[dict[str, Any]]:
         """All services (a cached view: rebuilt only after a commit or a cache change)."""
