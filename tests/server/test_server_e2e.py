@@ -225,6 +225,7 @@ def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
     with server.client() as c:
         (op,) = [o for o in c.get("/v1/operations").json() if o["kind"] == "bootstrap"]
         early = c.post("/v1/instances", json={"service_id": "org.cloudlet.sample"})
+        nope_early = c.get("/v1/services/org.example.nope").json()
         if early.status_code == 404:  # asked while the defaults are set up: told why
             assert op["id"] in early.json()["hint"], early.json()
             assert "still setting up" in early.json()["hint"]
@@ -237,7 +238,8 @@ def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
             assert time.monotonic() < deadline, server.log.read_text()[-2000:]
             time.sleep(0.05)
         assert f"setting up the embedded defaults (operation {op['id']})" in server.log.read_text()
-        # Asked now for a service that is not there, the usual hint again.
+        # Any other missing service, then and now, gets the usual hint.
+        assert nope_early["hint"] == "see `cloudlet service list`"
         nope = c.get("/v1/services/org.example.nope").json()
         assert nope["hint"] == "see `cloudlet service list`"
         assert done["result"]["created"] == ["service"]

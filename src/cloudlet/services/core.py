@@ -31,7 +31,7 @@ from cloudlet.services.handoff import HandoffManager
 from cloudlet.services.host import host_info
 from cloudlet.services.instances import InstanceManager
 from cloudlet.services.overlays import DEFAULT_MAX_UPLOAD, OverlayStore
-from cloudlet.services.registry import MISSING_HINT, ServiceRegistry
+from cloudlet.services.registry import ServiceRegistry
 
 SERVER_LOCK = "server.lock"
 
@@ -132,10 +132,9 @@ class Cloudlet:
                 op, bootstrap.SAMPLE_IMAGE, bootstrap.SAMPLE_BASE, bootstrap.SAMPLE_SERVICE,
             )  # fmt: skip
             # A client that asks for the sample meanwhile is told why it is not there yet.
-            self.registry.missing_hint = (
-                f"this server is still setting up its embedded defaults, "
-                f"{bootstrap.SAMPLE_SERVICE} among them (operation {op}: "
-                f"`GET /v1/operations/{op}`); try again when it has finished"
+            self.registry.pending[bootstrap.SAMPLE_SERVICE] = (
+                f"this server is still setting up its embedded defaults, this service among "
+                f"them (operation {op}: `GET /v1/operations/{op}`); try again when it has finished"
             )
             self._bootstrap_watch = asyncio.create_task(self._bootstrap_ended(op))
         return report
@@ -145,7 +144,7 @@ class Cloudlet:
         try:
             d = await self.runner.wait(op)
         finally:
-            self.registry.missing_hint = MISSING_HINT
+            self.registry.pending.clear()
         if d["state"] == "succeeded":
             log.info("embedded defaults ready in %.0f s: %s", time.monotonic() - t0, d["result"])
         else:

@@ -78,14 +78,15 @@ class ServiceRegistry:
         # The listing, valid while neither the catalog nor the snapshot cache changed: the
         # listing is the API's hottest read and costs ~1 ms of ORM work to rebuild.
         self._view: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
-        # What "no service" suggests; the server says more while it sets up its defaults.
-        self.missing_hint = MISSING_HINT
+        # Services on their way (id -> the hint a "no service" gives for it meanwhile): the
+        # server's embedded sample while it is being set up.
+        self.pending: dict[str, str] = {}
 
     def _row(self, s: Any, sid: str) -> ServiceRow:
         check_service_id(sid)
         r = s.get(ServiceRow, sid)
         if r is None:
-            raise NotFoundError(f"no service {sid!r}", hint=self.missing_hint)
+            raise NotFoundError(f"no service {sid!r}", hint=self.pending.get(sid, MISSING_HINT))
         return r
 
     def _counts(self, s: Any) -> dict[str, int]:
@@ -105,7 +106,7 @@ class ServiceRegistry:
         for d in self.list():
             if d["service_id"] == sid:
                 return dict(d)
-        raise NotFoundError(f"no service {sid!r}", hint=self.missing_hint)
+        raise NotFoundError(f"no service {sid!r}", hint=self.pending.get(sid, MISSING_HINT))
 
     def list(self) -> list[dict[str, Any]]:
         """All services (a cached view: rebuilt only after a commit or a cache change)."""
