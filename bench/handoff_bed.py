@@ -498,6 +498,7 @@ class Answer:
 
 
 _VALUE = re.compile(rb'(?:memory=|"requests":\s*)(\d+)')
+_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\s*$")
 
 
 def listening_ports(addr: str) -> set[int]:
@@ -529,13 +530,22 @@ class _Response(asyncio.Protocol):
         self.eof = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def length(self) -> int | None:
+        """The ``Content-Length`` the headers announce, once they are all here."""
+        head, sep, _ = bytes(self.buf).partition(b"\r\n\r\n")
+        m = _LENGTH.search(head) if sep else None
+        return int(m.group(1)) if m else None
+
     def complete(self) -> bool:
         """Headers and a ``Content-Length`` body all here (no need to wait for the close)."""
-        head, sep, body = bytes(self.buf).partition(b"\r\n\r\n")
-        if not sep:
-            return False
-        m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
-        return m is not None and len(body) >= int(m.group(1))
+        n = self.length()
+        return n is not None and len(self.buf) - self.buf.index(b"\r\n\r\n") - 4 >= n
+
+    def ending(self) -> str:
+        """How the connection ended (or did not)."""
+        if self.error is not None:
+            return type(self.error).__name__
+        return "eof" if self.eof else "timeout"
 
     def _finish(self) -> None:
         if not self.done.done():
@@ -574,22 +584,19 @@ async def http_get(
     try:
         tr.write(f"GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proto.done), timeout)
+            async with asyncio.timeout(timeout):
+                await proto.done
     finally:
         tr.close()
     data = bytes(proto.buf)
-    head, _, body = data.partition(b"\r\n\r\n")
+    _, _, body = data.partition(b"\r\n\r\n")
     if not data.startswith(b"HTTP/") or b" 200 " not in data.split(b"\r\n", 1)[0]:
-        how = type(proto.error).__name__ if proto.error else ("eof" if proto.eof else "timeout")
-        return False, None, b"", f"no 200 ({len(data)} bytes, then {how})"
-    whole = proto.complete() or (
-        proto.eof and proto.error is None and not re.search(rb"(?im)^content-length:", head)
-    )
+        return False, None, b"", f"no 200 ({len(data)} bytes, then {proto.ending()})"
+    n = proto.length()
+    whole = proto.complete() or (n is None and proto.eof and proto.error is None)
     if not whole:
-        how = type(proto.error).__name__ if proto.error else ("eof" if proto.eof else "timeout")
-        m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-        want = f" of {int(m.group(1))}" if m else ""
-        return False, None, b"", f"200, body cut by {how} after {len(body)}{want} bytes"
+        want = f" of {n}" if n is not None else ""
+        return False, None, b"", f"200, body cut by {proto.ending()} after {len(body)}{want} bytes"
     m = _VALUE.search(body)
     return True, int(m.group(1)) if m else None, body[:200], ""
 
