@@ -1149,6 +1149,17 @@ def run_all(a: argparse.Namespace, lib: Paths, work: Path) -> dict[str, Any]:
     }
 
 
+def lock_home(lib: Paths) -> bool:
+    """Take the bench home for this process (False: another bench holds it). Held until exit."""
+    fd = os.open(lib.home / "handoff-bench.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guests", default="tiny,debian")
@@ -1186,10 +1197,7 @@ def main() -> int:
     lib = paths(a.home)
     work = lib.home / "run"
     # One bench per home: with the lock held, any VM or QEMU found there is a leftover.
-    lock = os.open(lib.home / "handoff-bench.lock", os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not lock_home(lib):
         ap.error(f"another handoff bench runs on {lib.home}")
     killed = kill_leftovers(work)
     if killed:
