@@ -353,3 +353,69 @@ def test_the_disk_layer_is_scanned_again_only_after_it_was_written(base_home: Pa
         assert len(scans) == 2 and len(after) >= 100_000 // 4096
     finally:
         enc.close()
+
+
+def test_the_final_round_sends_the_hot_set_before_the_full_compare(base_home: Paths) -> None:
+    """With the VM paused, the final round first sends the pages that changed in the rounds
+    before and are changed again, on the link while the rest of memory is compared; together
+    the two passes find exactly the pages one full compare finds, each once."""
+    import threading
+
+    import numpy as np
+
+    from cloudlet.handoff.adaptive import CompressionController
+    from cloudlet.handoff.source import _Encoder
+    from cloudlet.handoff.wire import FRAME
+    from cloudlet.hypervisor.qmp import Monitor
+    from cloudlet.overlay.format import PAGE, Kind
+
+    vm, port = _start(base_home)
+    mgr = VMManager(base_home)
+    enc = _Encoder(mgr.get(vm.id), BaseStore(base_home).get("tiny"), CompressionController(),
+                   HandoffOptions())  # fmt: skip
+    compares = []
+    differing = enc._differing_pages
+
+    def counted(w0: int, words: int) -> Any:
+        compares.append(w0)
+        return differing(w0, words)
+
+    enc._differing_pages = counted  # type: ignore[method-assign]
+    frames: list[tuple[Kind, int, int]] = []  # kind, records, full-compare chunks begun
+
+    def emit(frame: bytes) -> None:
+        header = FRAME.unpack(frame[: FRAME.size])  # magic, version, kind, codec, level, seq, n
+        frames.append((Kind(header[2]), header[6], len(compares)))
+
+    stop = threading.Event()
+    devstate = mgr.get(vm.id).dir / "final.devstate"
+    try:
+        enc.round(1, lambda f: None, stop, None, None)  # running: a pre-copy round
+        assert len(enc.recent) == 1 and len(enc.recent[0]) > 0
+        counter(port)  # the guest works between the rounds
+        compares.clear()
+
+        async def pause() -> None:
+            async with await Monitor.connect(vm.qmp_path) as mon:
+                await mgr.pause(mgr.get(vm.id), mon)
+                await mgr.save_devstate(mgr.get(vm.id), mon, devstate)
+
+        run(pause())
+        live = enc.ram.view(np.uint64).reshape(-1, PAGE // 8)
+        shadow = enc.shadow.view(np.uint64).reshape(-1, PAGE // 8)
+        expected = np.flatnonzero(np.any(live != shadow, axis=1)).tolist()
+        hot = sorted(set(expected) & set(enc.recent[0].tolist()))
+        assert hot and len(hot) < len(expected)
+
+        st = enc.round(2, emit, stop, devstate, None)
+        found = enc.recent[-1].tolist()
+        assert sorted(found) == expected and len(found) == len(set(found))
+        assert found[: len(hot)] == hot  # the hot set went first
+        memory = [f for f in frames if f[0] is Kind.MEMORY]
+        assert sum(f[1] for f in memory) == len(expected) == st.memory_pages
+        # the hot set's frames were handed to the link before the full compare began
+        before = [f for f in memory if f[2] == 0]
+        assert sum(f[1] for f in before) == len(hot)
+        assert not (enc.ram.view(np.uint64).reshape(-1, PAGE // 8) != shadow).any()
+    finally:
+        enc.close()

@@ -77,6 +77,9 @@ class HandoffOptions:
     downtime_target_s: float = 1.0
     max_rounds: int = 20
     frame_raw_bytes: int = 1 << 20
+    # The final round's frames are smaller, so that the link starts on the first changed pages
+    # while the paused VM's memory is still being compared (that compare is downtime).
+    final_frame_raw_bytes: int = 128 << 10
     shrink_factor: float = 0.9  # a round must be smaller than this x the previous one
     auto_converge: bool = True  # throttle a VM whose rounds stop shrinking (see converge.py)
     throttle_first: float = 0.8  # first throttle: the VM held 80% of the time
@@ -149,6 +152,10 @@ class _Encoder:
         )
         self.compare_pool = cf.ThreadPoolExecutor(2, thread_name_prefix="handoff-compare")
         self._disk_stamp: tuple[int, int, int] | None = None  # the layer file when last scanned
+        # Memory pages found changed in each of the last two rounds: the final round looks at
+        # these first, as the guest's hot set is where most of its last changes are.
+        self.recent: collections.deque[np.ndarray] = collections.deque(maxlen=2)
+        self._found: list[int] = []  # pages changed_memory yielded in the current round
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -195,15 +202,42 @@ class _Encoder:
                     )
                 if stop.is_set():
                     return
-                for p in pages.tolist():
-                    off = p * PAGE
-                    data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
-                    old = self.shadow[off : off + PAGE].tobytes()
-                    self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
-                    yield p, data, old
+                yield from self._take(pages.tolist())
         finally:
             for f in ahead:
                 f.cancel()
+
+    def changed_hot_memory(
+        self, stop: threading.Event
+    ) -> collections.abc.Iterator[tuple[int, bytes, bytes | None]]:
+        """The recently changed pages (``recent``) that differ from the shadow, first.
+
+        Only for the final round, with the VM paused: what this yields is then equal to the
+        shadow, so the full pass of ``changed_memory`` that follows does not find it again, and
+        both together find exactly what one full pass would. Yielding the guest's hot set first
+        lets the link start at once instead of after the whole compare.
+        """
+        if not self.recent:
+            return
+        pages = np.unique(np.concatenate(list(self.recent)))
+        rows_live = self.ram.view(np.uint64).reshape(-1, PAGE // 8)
+        rows_shadow = self.shadow.view(np.uint64).reshape(-1, PAGE // 8)
+        for lo in range(0, len(pages), 4096):
+            if stop.is_set():
+                return
+            part = pages[lo : lo + 4096]
+            differ = part[np.any(rows_live[part] != rows_shadow[part], axis=1)]
+            yield from self._take(differ.tolist())
+
+    def _take(self, pages: list[int]) -> collections.abc.Iterator[tuple[int, bytes, bytes | None]]:
+        """Each page with what the shadow held, the shadow then set to the page as read."""
+        for p in pages:
+            off = p * PAGE
+            data = self.ram[off : off + PAGE].tobytes()  # may be torn: that is fine
+            old = self.shadow[off : off + PAGE].tobytes()
+            self.shadow[off : off + PAGE] = np.frombuffer(data, dtype=np.uint8)
+            self._found.append(p)
+            yield p, data, old
 
     def changed_disk(
         self, stop: threading.Event
@@ -350,8 +384,9 @@ class _Encoder:
         seq = 0
 
         def drain(limit: int) -> None:
+            """Emit frames in order: while more than ``limit`` wait, and any already done."""
             nonlocal seq
-            while len(pending) > limit:
+            while len(pending) > limit or (pending and pending[0][0].done()):
                 fut, kind, nrec, raw_len = pending.popleft()
                 stored, opt = fut.result()
                 frame = encode_frame(seq, kind, nrec, stored, raw_len, opt.codec, opt.level)
@@ -374,6 +409,8 @@ class _Encoder:
             pending.append((fut, kind, nrec, len(raw)))
             drain(self.ctl.cores * 2)
 
+        final = devstate is not None
+        frame_bytes = self.opts.final_frame_raw_bytes if final else self.opts.frame_raw_bytes
         t0 = time.monotonic()
         if devstate is not None:
             data = devstate.read_bytes()
@@ -383,13 +420,20 @@ class _Encoder:
                 chunk = data[off : off + MAX_DEVSTATE_RECORD]
                 buf += pack_record(Payload.LITERAL, off, 0, chunk)
                 nrec += 1
-                if len(buf) >= self.opts.frame_raw_bytes:
+                if len(buf) >= frame_bytes:
                     submit(Kind.DEVSTATE, buf, nrec)
                     buf, nrec = bytearray(), 0
             if nrec:
                 submit(Kind.DEVSTATE, buf, nrec)
+        sources: list[tuple[Kind, Callable[..., Any]]] = [
+            (Kind.MEMORY, self.changed_memory),
+            (Kind.DISK, self.changed_disk),
+        ]
+        if final:  # the paused VM's hot set first (see changed_hot_memory)
+            sources.insert(0, (Kind.MEMORY, self.changed_hot_memory))
+        self._found = []
         sent_mem: dict[int, int] = {}
-        for kind, source in ((Kind.MEMORY, self.changed_memory), (Kind.DISK, self.changed_disk)):
+        for kind, source in sources:
             buf, nrec = bytearray(), 0
             tc = time.monotonic()
             for p, data, old in source(stop):
@@ -399,7 +443,7 @@ class _Encoder:
                     st.memory_pages += 1
                 else:
                     st.disk_pages += 1
-                if len(buf) >= self.opts.frame_raw_bytes:
+                if len(buf) >= frame_bytes:
                     submit(kind, buf, nrec)
                     buf, nrec = bytearray(), 0
                     if progress:
@@ -407,7 +451,10 @@ class _Encoder:
             if nrec:
                 submit(kind, buf, nrec)
             st.compare_s += time.monotonic() - tc
+            if source == self.changed_hot_memory:
+                drain(0)  # on the link now, not when the full compare next finds a page
         drain(0)
+        self.recent.append(np.array(self._found, dtype=np.int64))
         st.seconds = st.encoded_s = time.monotonic() - t0
         return st
 
