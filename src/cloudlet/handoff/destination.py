@@ -171,10 +171,11 @@ class HandoffDestination:
                 t_applied = time.monotonic()
                 self.vms.mark_suspended(s.vm)
                 steps: dict[str, float] = {}
+                run_steps: dict[str, float] = {}
                 try:
                     vm, mon = await self.vms.resume_paused(s.vm.id, launched=True, timings=steps)
                     t_loaded = time.monotonic()
-                    vm = await self.vms.cont(vm.id, mon)
+                    vm = await self.vms.cont(vm.id, mon, listen=True, timings=run_steps)
                 except CloudletError as e:
                     raise HandoffRestoreError(
                         "resuming the VM on the destination", e.message
@@ -193,12 +194,14 @@ class HandoffDestination:
                 "bytes": s.bytes + n,
                 "restore_s": round(t_run - t0, 4),
                 # where the restore went: the last records applied and the disk layer closed,
-                # QEMU started with the device state loaded, the vCPUs run
+                # QEMU started with the device state loaded, the vCPUs run, the host ports
+                # listen
                 "restore": {
                     "apply_s": round(t_applied - t0, 4),
                     "load_s": round(t_loaded - t_applied, 4),
                     "load_steps": steps,
-                    "cont_s": round(t_run - t_loaded, 4),
+                    "cont_s": run_steps["cont"],
+                    "listen_s": run_steps["listen"],
                 },
                 "meta": s.meta,
             }

@@ -914,8 +914,9 @@ class VMManager:
         The VM is then ``paused`` and :meth:`cont` starts it in a few milliseconds (standby
         VMs for cached starts). Returns the open QMP session for :meth:`cont` to reuse. On any
         failure nothing is left running and the VM stays ``suspended``. ``launched``: its QEMU
-        was started by :meth:`launch_incoming` (and the hardware checked then). ``timings``
-        gets the seconds of each step (check, launch, connect, state, forwards).
+        was started by :meth:`launch_incoming` (and the hardware checked then); it has no host
+        ports yet, ``cont(listen=True)`` adds them. ``timings`` gets the seconds of each step
+        (check, launch, connect, state).
         """
         t = _Stopwatch(timings)
         vm = self.get(vm_id)
@@ -940,9 +941,6 @@ class VMManager:
                 t.lap("connect")
                 await self.load_devstate(vm, mon, vm.devstate_path)
                 t.lap("state")
-                if launched:
-                    await self._add_forwards(vm, mon)
-                    t.lap("forwards")
             except BaseException:
                 if mon is not None:
                     await mon.close()
@@ -959,8 +957,22 @@ class VMManager:
             vm.devstate_path.unlink()
         return vm, mon
 
-    async def cont(self, vm_id: str, mon: Monitor | None = None) -> VM:
-        """Run the vCPUs of a paused VM (through ``mon`` if given; it is closed after)."""
+    async def cont(
+        self,
+        vm_id: str,
+        mon: Monitor | None = None,
+        *,
+        listen: bool = False,
+        timings: dict[str, float] | None = None,
+    ) -> VM:
+        """Run the vCPUs of a paused VM (through ``mon`` if given; it is closed after).
+
+        ``listen``: then listen on its host ports (a VM from :meth:`launch_incoming` has none
+        yet). Not before: a connection the user network accepts while the vCPUs are stopped
+        loses its first packet to the guest, and the client waits for the user network's
+        retransmission, ~3 s. ``timings`` gets the seconds of each step (cont, listen).
+        """
+        t = _Stopwatch(timings)
         vm = self.get(vm_id)
         try:
             with self.locked(vm):
@@ -969,6 +981,10 @@ class VMManager:
                     mon = await Monitor.connect(vm.qmp_path)
                 await mon.execute("cont")
                 vm.state = VMState.RUNNING
+                t.lap("cont")
+                if listen:
+                    await self._add_forwards(vm, mon)
+                    t.lap("listen")
                 vm.save()
         finally:
             if mon is not None:
