@@ -37,6 +37,7 @@ class Throttle:
         self._since = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._held = False
+        self._hold_start = 0.0
 
     def set(self, fraction: float) -> None:
         """Hold the VM ``fraction`` (0 <= f < 1) of the time from now on."""
@@ -47,9 +48,16 @@ class Throttle:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def measured(self) -> float:
-        """Fraction of the time since the last call that the VM was held (then reset)."""
+        """Fraction of the time since the last call that the VM was held (then reset).
+
+        Only the held time inside that span counts: a hold that straddles a call is split
+        between the spans on either side of it.
+        """
         now = time.monotonic()
-        span, held = now - self._since, self.paused_s
+        held = self.paused_s
+        if self._held:
+            held += now - max(self._hold_start, self._since)
+        span = now - self._since
         self._since, self.paused_s = now, 0.0
         return held / span if span > 0 else 0.0
 
@@ -59,13 +67,13 @@ class Throttle:
             if f <= 0:
                 await asyncio.sleep(self.period)
                 continue
-            t0 = time.monotonic()
+            self._hold_start = time.monotonic()
             self._held = True
             await self.mon.execute("stop")
             await asyncio.sleep(f * self.period)
             await self.mon.execute("cont")
             self._held = False
-            self.paused_s += time.monotonic() - t0
+            self.paused_s += time.monotonic() - max(self._hold_start, self._since)
             await asyncio.sleep((1 - f) * self.period)
 
     async def close(self) -> None:
