@@ -111,6 +111,8 @@ def log(msg: str) -> None:
 
 TINY_MARKER = "served-by-the-handoff-bench"
 
+DIRTY_MARK = b"cloudlet dirty page"  # in the text half of every page the dirtier writes
+
 # The dirtying process of the Debian guest: a buffer of SIZE bytes rewritten at RATE bytes/s,
 # one page after the other. Each page is half fresh random bytes, half a fixed text, so it
 # compresses about 2x, like the real guest RAM in the facts file (zstd-1: 2.09x). Its progress
