@@ -982,10 +982,12 @@ class VMManager:
                 await mon.execute("cont")
                 vm.state = VMState.RUNNING
                 t.lap("cont")
-                if listen:
-                    await self._add_forwards(vm, mon)
-                    t.lap("listen")
-                vm.save()
+                try:
+                    if listen:
+                        await self._add_forwards(vm, mon)
+                        t.lap("listen")
+                finally:
+                    vm.save()  # running, even if a host port could not be had
         finally:
             if mon is not None:
                 await mon.close()
