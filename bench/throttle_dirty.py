@@ -45,9 +45,11 @@ import zstandard
 import handoff as hb  # bench/handoff.py (bench/ is on sys.path): its workload and dirtier
 from cloudlet.config import paths
 from cloudlet.handoff.converge import Throttle
-from cloudlet.handoff.source import HandoffOptions
+from cloudlet.handoff.source import HandoffOptions, xor_record
+from cloudlet.handoff.wire import FRAME
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VMManager
+from cloudlet.overlay.format import Payload, pack_record
 from cloudlet.synthesis.synthesize import synthesize
 
 # (held fraction, period s); None: paused for the whole window
@@ -70,18 +72,16 @@ async def _poll(port: int, stop: asyncio.Event) -> None:
                 await asyncio.sleep(0.01)
 
 
-def _wire_kb(pages: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """KB on the wire for (new, old) pages, encoded as the handoff engine encodes them."""
+def _wire_kb(pages: list[tuple[int, bytes, bytes]]) -> float:
+    """KB on the wire for (page, new, old) pages, in the engine's records and frame sizes."""
     zc = zstandard.ZstdCompressor(level=9)
     total, buf = 0, bytearray()
-    for new, old in pages:
-        x = np.bitwise_xor(new, old)
-        buf += (x if 2 * np.count_nonzero(x) < np.count_nonzero(new) else new).tobytes()
-        buf += bytes(16)  # a record header's size
+    for p, new, old in pages:
+        buf += xor_record(p, new, old) or pack_record(Payload.LITERAL, p, 0, new)
         if len(buf) >= HandoffOptions().final_frame_raw_bytes:
-            total, buf = total + len(zc.compress(bytes(buf))) + 40, bytearray()
+            total, buf = total + FRAME.size + len(zc.compress(bytes(buf))), bytearray()
     if buf:
-        total += len(zc.compress(bytes(buf))) + 40
+        total += FRAME.size + len(zc.compress(bytes(buf)))
     return round(total / 1e3, 1)
 
 
@@ -104,8 +104,8 @@ async def final_mix(mon: Monitor, ram: Path, reps: int) -> list[dict[str, Any]]:
             await mon.execute("cont")
             mine, rest = [], []
             for p in np.flatnonzero((a != z).any(axis=1)).tolist():
-                new, old = z[p].view(np.uint8), a[p].view(np.uint8)
-                (mine if new.tobytes().find(hb.DIRTY_MARK) >= 0 else rest).append((new, old))
+                new, old = z[p].tobytes(), a[p].tobytes()
+                (mine if new.find(hb.DIRTY_MARK) >= 0 else rest).append((p, new, old))
             row = {
                 "rep": rep,
                 "burst_s": b,

@@ -117,6 +117,16 @@ class RoundStats:
         return self.wire_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
+def xor_record(p: int, data: bytes, old: bytes) -> bytes | None:
+    """Page ``p`` as its XOR with ``old`` (what the destination holds there), if that has
+    under half the page's non-zero bytes; else None (send it whole)."""
+    new = np.frombuffer(data, dtype=np.uint8)
+    x = np.bitwise_xor(new, np.frombuffer(old, dtype=np.uint8))
+    if 2 * np.count_nonzero(x) < np.count_nonzero(new):
+        return pack_record(Payload.XOR_CURRENT, p, 0, x.tobytes())
+    return None
+
+
 def _load_sparse(path: Path, size: int) -> np.ndarray:
     """The file as a writable uint8 array, reading only its data extents (holes are zeros)."""
     arr = np.zeros(size, dtype=np.uint8)
@@ -347,11 +357,10 @@ class _Encoder:
         if kind is Kind.MEMORY:
             sent_mem.setdefault(h, p)  # the destination has ``data`` at ``p`` after either record
         if old is not None and old != _ZERO_PAGE:
-            new = np.frombuffer(data, dtype=np.uint8)
-            x = np.bitwise_xor(new, np.frombuffer(old, dtype=np.uint8))
-            if 2 * np.count_nonzero(x) < np.count_nonzero(new):
+            rec = xor_record(p, data, old)
+            if rec is not None:
                 counts["xor_current"] = counts.get("xor_current", 0) + 1
-                return pack_record(Payload.XOR_CURRENT, p, 0, x.tobytes())
+                return rec
         counts["literal"] = counts.get("literal", 0) + 1
         return pack_record(Payload.LITERAL, p, 0, data)
 
