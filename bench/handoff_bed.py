@@ -118,6 +118,16 @@ class NetPath(nettools.Bed):
             nettools.ip("link", "set", dev, "up", ns=ns)
             nettools.ip("link", "set", "lo", "up", ns=ns)
             nettools.shape(dev, self.rate_mbit, ns=ns)
+        # The clients of A and B take their ports from disjoint ranges. Through QEMU's user
+        # network every client on a host reaches the guest from one address (10.0.2.2), and
+        # the guest holds each connection it closed in TIME_WAIT. A new connection through the
+        # destination's new QEMU on a 4-tuple a source-side connection used is then not
+        # accepted until the user network resends its SYN (~6 s; bench/first_request.py). A
+        # user's device reaches the next cloudlet from another address, so this is the
+        # harness's collision, not the handoff's.
+        for ns, ports in ((self.ns_a, "32768 46999"), (self.ns_b, "47000 60999")):
+            nettools.run(["ip", "netns", "exec", ns,
+                          "sysctl", "-qw", f"net.ipv4.ip_local_port_range={ports}"])  # fmt: skip
 
     def close(self) -> None:
         """Delete the namespaces (which deletes both veth ends). Processes in them must be gone."""

@@ -1,8 +1,9 @@
-"""The handoff bench's own pieces, on loopback only: the delaying relay and the polling client.
+"""The handoff bench's own pieces: the delaying relay, the polling client and the two namespaces.
 
 The bench's figures are only as good as these: the relay must add its delay in each direction,
 pass every byte intact (half-closes included) and count what it passed; the poller must see a
-service that appears late and record the counter it answers with.
+service that appears late and record the counter it answers with; the clients of the two
+namespaces must not share ports (see ``NetPath.open``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
+import nettools
 from handoff_bed import (
     Answer,
     DelayProxy,
+    NetPath,
     Poller,
     downtime,
     http_get,
@@ -343,3 +346,22 @@ def test_a_poller_told_the_port_asks_only_there_one_request_at_a_time() -> None:
     finally:
         poller.stop()
         loop.close()
+
+
+def test_the_two_namespaces_give_their_clients_disjoint_ports() -> None:
+    """A guest sees every host-side client as 10.0.2.2: a destination-side client must never
+    reuse a source-side client's port (the guest may hold that connection in TIME_WAIT)."""
+    with NetPath(100) as path:
+        ranges = []
+        for ns in (path.ns_a, path.ns_b):
+            lo, hi = map(int, nettools.run(
+                ["ip", "netns", "exec", ns, "cat", "/proc/sys/net/ipv4/ip_local_port_range"]
+            ).split())  # fmt: skip
+            # a client's port in this namespace comes from its range
+            out = nettools.run(["ip", "netns", "exec", ns, sys.executable, "-c",
+                                "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0));"
+                                " print(s.getsockname()[1])"])  # fmt: skip
+            assert lo <= int(out) <= hi
+            ranges.append((lo, hi))
+        (a_lo, a_hi), (b_lo, b_hi) = ranges
+        assert a_hi < b_lo or b_hi < a_lo, ranges
