@@ -114,6 +114,7 @@ class HandoffDestination:
                 sizes, base.ref(), parts, str(base.path("disk.raw")), disk_openable=True
             )
             await asyncio.to_thread(applier.start)
+            await asyncio.to_thread(applier.keep_resident)  # until the VM runs
             ds_dict = devstate_dictionary(base.path("devstate").read_bytes())
             base_mem_pages = base.path("memory.ram").stat().st_size // PAGE
             limits = RecordLimits(
