@@ -14,6 +14,9 @@ For each sample: the time to the response's headers from a fresh TCP connection 
 host port forward; when the user network's connection to the guest became established (from
 ``info usernet``: the ARP and TCP handshake with the guest); and how many translation blocks
 TCG made while the request ran (``info jit``). A second request right after shows what is left.
+And once more with the RAM file's page cache dropped before the resume: the kernel reclaims
+page cache that no process maps (this host's DAMON scheme after ~60 s idle), which is what a
+handoff's destination met after minutes of rounds until it kept the RAM it received mapped.
 
 Then a property of QEMU's user network that a handoff inherits: the guest closes each HTTP/1.0
 connection first, so it keeps them in TIME_WAIT (60 s of guest time), and every client on the
@@ -26,7 +29,7 @@ the resume the same ports again, beside as many fresh ones (the baseline).
     .venv/bin/python bench/first_request.py [--reps 5] [--reconnects 4] [--guests tiny,debian]
         [--home .cache/handoff-home]
 
-About 5 minutes with the workloads cached (``bench/handoff.py`` builds them on first use). The
+About 6 minutes with the workloads cached (``bench/handoff.py`` builds them on first use). The
 last line of stdout is a JSON summary: medians per guest and case, how many reconnects took
 over 1 s, and every sample.
 """
@@ -71,14 +74,23 @@ async def _tb_count(mon: Monitor) -> int:
     raise RuntimeError("QEMU's 'info jit' has no TB count")
 
 
-async def request(vm: VM, guest_port: int, path: str, timeout: float = 10.0) -> dict[str, Any]:
-    """One GET on a new connection: seconds to the response headers, to the user network's
-    connection to the guest being established, and translation blocks made meanwhile."""
+async def request(
+    vm: VM, guest_port: int, path: str, *, client_port: int = 0, timeout: float = 15.0
+) -> dict[str, Any]:
+    """One GET on a new connection (from ``client_port`` if given): seconds to the response
+    headers, to the user network's connection to the guest being established, and translation
+    blocks made meanwhile."""
     async with await Monitor.connect(vm.qmp_path) as mon:
         tb0 = await _tb_count(mon)
         t0 = time.monotonic()
-        s = socket.create_connection(("127.0.0.1", vm.host_port(guest_port)), timeout=timeout)
+        s = socket.socket()
         try:
+            # SO_REUSEADDR: the host's side of an earlier connection from this port may be in
+            # TIME_WAIT too; only the guest's memory of it is measured.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", client_port))
+            s.settimeout(timeout)
+            s.connect(("127.0.0.1", vm.host_port(guest_port)))
             s.sendall(f"GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n".encode())
             s.setblocking(False)
             buf, established, answered = b"", None, None
@@ -106,25 +118,13 @@ async def request(vm: VM, guest_port: int, path: str, timeout: float = 10.0) -> 
     }
 
 
-def from_port(host_port: int, path: str, client_port: int, timeout: float = 15.0) -> float:
-    """Seconds to the response headers of a GET sent from ``client_port`` (SO_REUSEADDR: the
-    host's own side of the old connection is long gone; only the guest remembers it)."""
-    t0 = time.monotonic()
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", client_port))
-        s.settimeout(timeout)
-        s.connect(("127.0.0.1", host_port))
-        s.sendall(f"GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n".encode())
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            d = s.recv(65536)
-            if not d:
-                break
-            buf += d
-    if b" 200 " not in buf[:16]:
-        raise RuntimeError(f"no 200 from client port {client_port}: {buf[:80]!r}")
-    return round(time.monotonic() - t0, 4)
+def _drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)  # (dirty pages are not dropped)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 async def measure(
@@ -152,7 +152,7 @@ async def measure(
             used = [42000 + 100 * rep + i for i in range(reconnects)]
             fresh = [47000 + 100 * rep + i for i in range(reconnects)]
             for cp in used:
-                await asyncio.to_thread(from_port, vm.host_port(port), path, cp)
+                await request(vm, port, path, client_port=cp)
             # a new QEMU process with the same RAM and device state, as a handoff's destination
             await mgr.suspend(vm.id)
             await asyncio.sleep(PAUSE_S)
@@ -166,11 +166,21 @@ async def measure(
                 print(json.dumps(row), file=sys.stderr, flush=True)
             for case, ports in (("reconnect_same_port", used), ("reconnect_new_port", fresh)):
                 for cp in ports:
-                    t = await asyncio.to_thread(from_port, vm.host_port(port), path, cp)
-                    row = {"guest": name, "rep": rep, "case": case, "client_port": cp,
-                           "answer_s": t}  # fmt: skip
+                    r = await request(vm, port, path, client_port=cp)
+                    row = {"guest": name, "rep": rep, "case": case, "client_port": cp, **r}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
+            # again, with the RAM file's page cache dropped in between: what the VM met when
+            # the kernel had reclaimed the RAM a handoff's destination received minutes before
+            await asyncio.sleep(2)
+            await mgr.suspend(vm.id)
+            await asyncio.to_thread(_drop_page_cache, vm.ram_path)
+            await asyncio.sleep(PAUSE_S)
+            vm = await mgr.resume(vm.id)
+            row = {"guest": name, "rep": rep, "case": "new_process_cold_ram",
+                   **await request(vm, port, path)}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
             await asyncio.sleep(2)
     finally:
         await mgr.delete(vm.id, force=True)
@@ -180,7 +190,7 @@ async def measure(
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for g in dict.fromkeys(r["guest"] for r in rows):
-        for case in ("same_process", "new_process", "new_process_second"):
+        for case in ("same_process", "new_process", "new_process_second", "new_process_cold_ram"):
             rs = [r for r in rows if r["guest"] == g and r["case"] == case]
             est = [r["established_s"] for r in rs if r["established_s"] is not None]
             out.append({
