@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,3 +41,50 @@ def wait_until(pred, timeout: float = 30.0, interval: float = 0.05):  # type: ig
             return v
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+# -- the page cache (what the kernel may drop) ------------------------------------------------
+PAGE = 4096
+
+
+def drop_cache(path: Path) -> None:
+    """Drop ``path``'s page cache that no process maps: what memory pressure (or this host's
+    DAMON ``pageout`` scheme) does to it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)  # (dirty pages are not dropped)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (util-linux ``fincore``: ``mincore``, no reads)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return int(out.strip()) // PAGE
+
+
+def uncached_data_pages(path: Path) -> int:
+    """Pages of ``path``'s data (holes aside) not in the page cache, by reads that may not wait."""
+    missing, buf = 0, bytearray(PAGE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            for off in range(start // PAGE * PAGE, end, PAGE):
+                try:
+                    os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    missing += 1
+            pos = end
+    finally:
+        os.close(fd)
+    return missing

@@ -10,7 +10,6 @@ end in the middle of segments and clusters.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from cloudlet.overlay import BaseRef, apply_overlay
 from cloudlet.overlay import apply as apply_mod
 from cloudlet.overlay.apply import RecordApplier
 from cloudlet.overlay.format import Kind, Payload, RecordLimits, iter_records
+from helpers import drop_cache, resident_pages
 from overlay.overlay_testlib import craft_overlay, rec, run
 
 PAGE = 4096
@@ -251,25 +251,6 @@ def test_xor_current_is_refused_in_an_overlay(tmp_path: Path) -> None:
         list(iter_records(Kind.MEMORY, raw, 1, limits, 0))
 
 
-def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (util-linux ``fincore``: ``mincore``, no reads)."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return int(out.strip()) // PAGE
-
-
-def _drop_cache(path: Path) -> None:
-    """What memory pressure (or this host's DAMON scheme) does to page cache no one maps."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_keep_resident_holds_the_new_ram_in_memory_until_close(tmp_path: Path) -> None:
     """The handoff destination keeps the RAM it receives mapped: nothing the VM will run on
     is left for the kernel to drop while the rounds go on."""
@@ -286,19 +267,19 @@ def test_keep_resident_holds_the_new_ram_in_memory_until_close(tmp_path: Path) -
     app = RecordApplier(Sizes(), base, parts, str(base.disk))
     try:
         app.start()
-        _drop_cache(ram)
-        assert _resident_pages(ram) == 0  # not kept: the kernel may drop every page
+        drop_cache(ram)
+        assert resident_pages(ram) == 0  # not kept: the kernel may drop every page
         app.keep_resident()
         limits = RecordLimits(MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0)
         raw = rec(Payload.LITERAL, 5, 0, b"\x01" * PAGE)
         app.apply(Kind.MEMORY, list(iter_records(Kind.MEMORY, raw, 1, limits, 0)))
-        _drop_cache(ram)
-        assert _resident_pages(ram) == MEM_PAGES  # kept, the page written since included
+        drop_cache(ram)
+        assert resident_pages(ram) == MEM_PAGES  # kept, the page written since included
         app.finish(fsync=False)
     finally:
         app.close()
-    _drop_cache(ram)
-    assert _resident_pages(ram) == 0  # released with the applier
+    drop_cache(ram)
+    assert resident_pages(ram) == 0  # released with the applier
     with ram.open("rb") as f:
         f.seek(5 * PAGE)
         assert f.read(PAGE) == b"\x01" * PAGE

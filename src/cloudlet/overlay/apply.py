@@ -49,6 +49,7 @@ from cloudlet.overlay.format import (
     record_arrays,
 )
 from cloudlet.overlay.qcow2 import CLUSTER, Qcow2Writer
+from cloudlet.util.resident import populate
 from cloudlet.util.sparse import copy_sparse, pwrite_all, pwritev_all, zero_range
 
 Progress = Callable[[str, int, int], None]
@@ -77,9 +78,6 @@ class ApplyStats:
         d["decode_s"] = self.seconds.get("read_decode", 0.0)  # flat keys for synthesis timings
         d["apply_s"] = self.seconds.get("apply", 0.0) + self.seconds.get("copy_base", 0.0)
         return d
-
-
-_MADV_POPULATE_READ = 22  # Linux 5.14 (Python's mmap module names it from 3.12 on only)
 
 
 class _PageFile:
@@ -122,12 +120,8 @@ class _PageFile:
 
     def populate(self) -> None:
         """Map every page of the file now; they stay mapped until :meth:`close`."""
-        if self._mm is None:
-            return
-        try:
-            self._mm.madvise(_MADV_POPULATE_READ)
-        except OSError:  # a kernel before 5.14: read one byte of each page instead
-            int(self._u8[::PAGE].sum())
+        if self._mm is not None:
+            populate(self._mm)
 
     def close(self) -> None:
         self._u8 = np.zeros(0, np.uint8)
@@ -531,9 +525,9 @@ class RecordApplier:
         """Map every page of the new RAM now, and keep them mapped until :meth:`close`.
 
         A handoff's destination writes the RAM over seconds to minutes and resumes the VM only
-        then. Page cache that no process maps is what the kernel reclaims first (this host's
-        DAMON scheme pages out unmapped file pages left idle ~60 s): the VM would start by
-        reading its working set back from disk, inside the downtime.
+        then; unmapped, the RAM could leave memory meanwhile (see ``cloudlet.util.resident``)
+        and the VM would start by reading it back from disk, inside the downtime. Every page,
+        the holes too: the rounds write into them, and a page written there would be unmapped.
         """
         self.step = "mapping the new RAM"
         self.new_ram.populate()

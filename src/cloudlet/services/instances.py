@@ -51,6 +51,7 @@ from cloudlet.services.host import mem_available_mib
 from cloudlet.services.models import check_service_id
 from cloudlet.services.overlays import OverlayStore
 from cloudlet.services.registry import ServiceRegistry
+from cloudlet.util.resident import ResidentFile
 
 log = logging.getLogger("cloudlet.instances")
 
@@ -140,6 +141,7 @@ class InstanceManager:
         self._spares: dict[tuple[str, str], str] = {}
         self._spare_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._spare_mons: dict[str, Monitor] = {}  # their open QMP sessions
+        self._spare_ram: dict[str, ResidentFile] = {}  # their RAM, held in memory until used
         registry.on_change.append(self.forget_service)
 
     # -- queries -------------------------------------------------------------------------
@@ -404,7 +406,9 @@ class InstanceManager:
                         f"within {FIRST_RESPONSE_TIMEOUT:g} s",
                         hint="see its console with `cloudlet instance logs`",
                     )
+            self._release_spare_ram(vm.id)  # running: QEMU maps what the guest uses
         except BaseException as e:
+            self._release_spare_ram(vm.id)
             spare_mon = self._spare_mons.pop(vm.id, None)
             if spare_mon is not None:
                 await spare_mon.close()
@@ -474,8 +478,11 @@ class InstanceManager:
         try:
             await asyncio.to_thread(self.cache.restore, sid, key, vm.dir)
             self.vms.mark_suspended(vm)
+            # Its RAM stays in memory while it waits, however long (see ResidentFile).
+            self._spare_ram[vm.id] = await asyncio.to_thread(ResidentFile, vm.ram_path)
             _, mon = await self.vms.resume_paused(vm.id)
         except BaseException as e:
+            self._release_spare_ram(vm.id)
             await self.vms.discard(vm)
             if not isinstance(e, asyncio.CancelledError):
                 log.warning("could not prepare a standby VM for %s: %s", sid, e)
@@ -494,7 +501,13 @@ class InstanceManager:
             with contextlib.suppress(RuntimeError):  # no loop: the restart cleans it up
                 asyncio.get_running_loop().create_task(self._delete_vm(vm_id))
 
+    def _release_spare_ram(self, vm_id: str) -> None:
+        ram = self._spare_ram.pop(vm_id, None)
+        if ram is not None:
+            ram.close()
+
     async def _delete_vm(self, vm_id: str) -> None:
+        self._release_spare_ram(vm_id)
         mon = self._spare_mons.pop(vm_id, None)
         if mon is not None:
             await mon.close()
