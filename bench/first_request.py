@@ -54,6 +54,7 @@ from cloudlet.hypervisor.ports import PortForward
 from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VM, VMManager
 from cloudlet.synthesis.synthesize import synthesize
+from cloudlet.util.resident import drop_page_cache
 
 # guest -> (service port, request path, run the dirtier)
 GUESTS: dict[str, tuple[int, str, bool]] = {
@@ -118,15 +119,6 @@ async def request(
     }
 
 
-def _drop_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)  # (dirty pages are not dropped)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 async def measure(
     lib: Paths, name: str, overlay: Path, base: str, reps: int, reconnects: int
 ) -> list[dict]:
@@ -174,7 +166,7 @@ async def measure(
             # the kernel had reclaimed the RAM a handoff's destination received minutes before
             await asyncio.sleep(2)
             await mgr.suspend(vm.id)
-            await asyncio.to_thread(_drop_page_cache, vm.ram_path)
+            await asyncio.to_thread(drop_page_cache, vm.ram_path)
             await asyncio.sleep(PAUSE_S)
             vm = await mgr.resume(vm.id)
             row = {"guest": name, "rep": rep, "case": "new_process_cold_ram",

@@ -47,17 +47,6 @@ def wait_until(pred, timeout: float = 30.0, interval: float = 0.05):  # type: ig
 PAGE = 4096
 
 
-def drop_cache(path: Path) -> None:
-    """Drop ``path``'s page cache that no process maps: what memory pressure (or this host's
-    DAMON ``pageout`` scheme) does to it."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)  # (dirty pages are not dropped)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def resident_pages(path: Path) -> int:
     """Pages of ``path`` in the page cache (util-linux ``fincore``: ``mincore``, no reads)."""
     out = subprocess.run(

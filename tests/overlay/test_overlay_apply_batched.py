@@ -19,7 +19,8 @@ from cloudlet.overlay import BaseRef, apply_overlay
 from cloudlet.overlay import apply as apply_mod
 from cloudlet.overlay.apply import RecordApplier
 from cloudlet.overlay.format import Kind, Payload, RecordLimits, iter_records
-from helpers import drop_cache, resident_pages
+from cloudlet.util.resident import drop_page_cache
+from helpers import resident_pages
 from overlay.overlay_testlib import craft_overlay, rec, run
 
 PAGE = 4096
@@ -267,18 +268,18 @@ def test_keep_resident_holds_the_new_ram_in_memory_until_close(tmp_path: Path) -
     app = RecordApplier(Sizes(), base, parts, str(base.disk))
     try:
         app.start()
-        drop_cache(ram)
+        drop_page_cache(ram)
         assert resident_pages(ram) == 0  # not kept: the kernel may drop every page
         app.keep_resident()
         limits = RecordLimits(MEM_PAGES, DISK_PAGES, MEM_PAGES, -(-BASE_DISK_BYTES // PAGE), 0)
         raw = rec(Payload.LITERAL, 5, 0, b"\x01" * PAGE)
         app.apply(Kind.MEMORY, list(iter_records(Kind.MEMORY, raw, 1, limits, 0)))
-        drop_cache(ram)
+        drop_page_cache(ram)
         assert resident_pages(ram) == MEM_PAGES  # kept, the page written since included
         app.finish(fsync=False)
     finally:
         app.close()
-    drop_cache(ram)
+    drop_page_cache(ram)
     assert resident_pages(ram) == 0  # released with the applier
     with ram.open("rb") as f:
         f.seek(5 * PAGE)

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from cloudlet.config import Paths
-from helpers import cli, drop_cache, qemu_pids_mentioning, uncached_data_pages, wait_until
+from cloudlet.util.resident import drop_page_cache
+from helpers import cli, qemu_pids_mentioning, uncached_data_pages, wait_until
 from serverlib import MARKER, Server, page, register, start, upload, wait_op
 
 pytestmark = pytest.mark.vm
@@ -103,7 +104,7 @@ def test_service_lifecycle_join_restart_and_idle_stop(
         assert len(qemu_pids_mentioning(str(srv_home.home))) == 1
         # Its RAM stays in memory while it waits, however long: the server holds it mapped.
         spare_ram = srv_home.vms / spares()[0]["id"] / "memory.ram"
-        drop_cache(spare_ram)
+        drop_page_cache(spare_ram)
         assert uncached_data_pages(spare_ram) == 0
     server.stop()
     assert qemu_pids_mentioning(str(srv_home.home)) == []  # standby VMs go with the server

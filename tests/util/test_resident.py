@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cloudlet.util.resident import ResidentFile
-from helpers import PAGE, drop_cache, resident_pages, uncached_data_pages
+from cloudlet.util.resident import ResidentFile, drop_page_cache
+from helpers import PAGE, resident_pages, uncached_data_pages
 
 
 def test_resident_file_holds_the_data_and_not_the_holes_until_closed(tmp_path: Path) -> None:
@@ -20,16 +20,16 @@ def test_resident_file_holds_the_data_and_not_the_holes_until_closed(tmp_path: P
         for first in (0, 2000):
             w.seek(first * PAGE)
             w.write(os.urandom(10 * PAGE))
-    drop_cache(f)
+    drop_page_cache(f)
     assert resident_pages(f) == 0
     r = ResidentFile(f)
     try:
-        drop_cache(f)
+        drop_page_cache(f)
         assert uncached_data_pages(f) == 0  # the data stays...
         assert resident_pages(f) < 1024  # ...and the holes were not read in (but read-around)
     finally:
         r.close()
-    drop_cache(f)
+    drop_page_cache(f)
     assert resident_pages(f) == 0  # released
 
 
