@@ -12,6 +12,7 @@ import httpx
 
 # re-exported: the tests import it from here
 from cloudlet.util.procs import qemu_pids_mentioning as qemu_pids_mentioning
+from cloudlet.util.sparse import data_extents
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUDLET = [sys.executable, "-m", "cloudlet"]
@@ -61,19 +62,12 @@ def uncached_data_pages(path: Path) -> int:
     missing, buf = 0, bytearray(PAGE)
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        for start, end in data_extents(fd, os.fstat(fd).st_size):
             for off in range(start // PAGE * PAGE, end, PAGE):
                 try:
                     os.preadv(fd, [buf], off, os.RWF_NOWAIT)
                 except BlockingIOError:
                     missing += 1
-            pos = end
     finally:
         os.close(fd)
     return missing
