@@ -147,8 +147,10 @@ class FailingLink(LocalLink):
 def test_link_cut_leaves_the_source_running(base_home: Paths, dest_home: Paths, phase: str) -> None:
     vm, port = _start(base_home)
     dest = HandoffDestination(dest_home)
+    # In the final round, cut at its first frame: an idle guest's final round can be under
+    # 1 KB in all (XOR records, the device state as a delta), and a later cut never came.
     link = FailingLink(
-        dest, final=phase == "stop-and-copy", after=1000 if phase == "stop-and-copy" else 100_000
+        dest, final=phase == "stop-and-copy", after=0 if phase == "stop-and-copy" else 100_000
     )
     with pytest.raises((HandoffError, ConnectionResetError)):
         run(HandoffSource(base_home, vm.id, link).run())
