@@ -66,20 +66,28 @@ def test_handoff_moves_state_and_frees_the_source(base_home: Paths, dest_home: P
         )
     )
     dest = HandoffDestination(dest_home)
-    # The destination's host ports listen only once the vCPUs run: a connection accepted
-    # before would lose its first packet to the stopped guest (the client then waits ~3 s).
-    refused_before_cont = []
-    cont = dest.vms.cont
+    # The destination's host ports listen only once the device state is loaded (a connection
+    # taken before waits ~6 s, see VMManager.resume_paused), and already when the vCPUs run.
+    listening: dict[str, list[bool]] = {"at the load": [], "at cont": []}
+    load, cont = dest.vms.load_devstate, dest.vms.cont
+
+    def probe(when: str, vm: Any) -> None:
+        for f in vm.forwards:
+            with socket.socket() as s:
+                listening[when].append(s.connect_ex((f.host_addr, f.host)) == 0)
+
+    async def checked_load(vm: Any, *args: Any) -> Any:
+        probe("at the load", vm)
+        return await load(vm, *args)
 
     async def checked_cont(vm_id: str, *args: Any, **kw: Any) -> Any:
-        for f in dest.vms.get(vm_id).forwards:
-            with socket.socket() as s:
-                refused_before_cont.append(s.connect_ex((f.host_addr, f.host)) != 0)
+        probe("at cont", dest.vms.get(vm_id))
         return await cont(vm_id, *args, **kw)
 
+    dest.vms.load_devstate = checked_load  # type: ignore[method-assign]
     dest.vms.cont = checked_cont  # type: ignore[method-assign]
     rep = run(HandoffSource(base_home, vm.id, LocalLink(dest)).run())
-    assert refused_before_cont == [True]
+    assert listening == {"at the load": [False], "at cont": [True]}
     new_id = rep["destination"]["vm"]
     moved = VMManager(dest_home).get(new_id)
     assert moved.state is VMState.RUNNING

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from cloudlet.config import Paths
 from cloudlet.errors import ConflictError, NotFoundError
 from cloudlet.hypervisor.errors import GuestNotReadyError, HardwareMismatchError
 from cloudlet.hypervisor.ports import PortForward
-from cloudlet.hypervisor.vm import VM_RECORD, BootSource, VMManager, VMState
+from cloudlet.hypervisor.vm import VM, VM_RECORD, BootSource, VMManager, VMState
 from cloudlet.util.fs import atomic_write_json, read_json
 from helpers import CLOUDLET, cli, counter, qemu_pids_mentioning, wait_until
 
@@ -77,6 +78,74 @@ def test_suspend_resume_keeps_memory_disk_and_ports(home: Paths, src: BootSource
     run(mgr.suspend(vm.id))
     vm = run(mgr.resume(vm.id))
     assert counter(port) == {"memory": 4, "disk": 4}
+
+
+def test_resume_listens_once_the_state_is_loaded(home: Paths, src: BootSource) -> None:
+    """A connection the user network took before the device state was loaded would wait ~6 s
+    (the load replaces that user network); one taken after it, while paused, is answered."""
+    mgr = VMManager(home)
+    vm = run(mgr.start(src))
+    port = vm.host_port(80)
+    assert counter(port) == {"memory": 1, "disk": 1}
+    run(mgr.suspend(vm.id))
+    listening_at_load = []
+    load = mgr.load_devstate
+
+    async def checked_load(vm_: VM, *args: Any) -> None:
+        with socket.socket() as s:
+            listening_at_load.append(s.connect_ex(("127.0.0.1", port)) == 0)
+        await load(vm_, *args)
+
+    mgr.load_devstate = checked_load  # type: ignore[method-assign]
+
+    async def resume_with_a_client_waiting() -> bytes:
+        vm_, mon = await mgr.resume_paused(vm.id)
+        assert listening_at_load == [False]
+        assert vm_.state is VMState.PAUSED and vm_.host_port(80) == port
+        # Paused, it already listens: a client may connect now and is answered once it runs.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /cgi-bin/counter HTTP/1.0\r\n\r\n")
+            await mgr.cont(vm.id, mon)
+            c.settimeout(30)
+            answer = b""
+            while chunk := await asyncio.to_thread(c.recv, 4096):
+                answer += chunk
+        return answer
+
+    answer = run(resume_with_a_client_waiting())
+    assert answer.startswith(b"HTTP/1.") and answer.endswith(b"memory=2 disk=2\n"), answer
+
+
+def test_resume_whose_port_is_taken_meanwhile_stays_suspended(home: Paths, src: BootSource) -> None:
+    """A requested host port taken between the check and the listen: nothing runs, nothing is
+    lost, and the same snapshot resumes once the port is free."""
+    mgr = VMManager(home)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        wanted = s.getsockname()[1]
+    vm = run(mgr.start(src, forwards=[PortForward(80, wanted)]))
+    assert counter(wanted) == {"memory": 1, "disk": 1}
+    run(mgr.suspend(vm.id))
+    thief = socket.socket()
+    thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+    load = mgr.load_devstate
+
+    async def load_then_take_the_port(vm_: VM, *args: Any) -> None:
+        await load(vm_, *args)
+        thief.bind(("127.0.0.1", wanted))
+        thief.listen()
+
+    mgr.load_devstate = load_then_take_the_port  # type: ignore[method-assign]
+    with thief, pytest.raises(ConflictError, match=f"{wanted}"):
+        run(mgr.resume(vm.id))
+    vm = mgr.get(vm.id)
+    assert vm.state is VMState.SUSPENDED and vm.pid is None
+    assert (vm.dir / "devstate").stat().st_size > 0
+    assert qemu_pids_mentioning(str(home.home)) == []
+    mgr.load_devstate = load  # type: ignore[method-assign]
+    vm = run(mgr.resume(vm.id))
+    assert vm.host_port(80) == wanted
+    assert counter(wanted) == {"memory": 2, "disk": 2}
 
 
 def test_two_vms_at_once(home: Paths, src: BootSource) -> None:

@@ -621,14 +621,15 @@ class VMManager:
             await self._discard(vm)
             raise
 
-    async def _launch(self, vm: VM, *, incoming: bool, hostfwd: bool = True) -> None:
+    async def _launch(self, vm: VM, *, incoming: bool) -> None:
         """Start QEMU (daemonized); retry with new ports if an auto-picked one was taken.
 
-        ``hostfwd=False``: the host ports are picked but not listened on (see
-        :meth:`_add_forwards`)."""
+        ``incoming``: QEMU waits for a device state, and the host ports are picked (a
+        requested one that is taken refused) but not listened on: :meth:`resume_paused` adds
+        them once the state is loaded."""
         for attempt in range(3):
             vm.forwards = portlib.resolve(vm.forwards)  # saved with the pid below
-            cmd = build_command(vm, incoming=incoming, hostfwd=hostfwd)
+            cmd = build_command(vm, incoming=incoming, hostfwd=not incoming)
             log.debug("launching %s", shlex.join(cmd))
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -868,9 +869,8 @@ class VMManager:
             self._require(vm, VMState.CREATING)
             await asyncio.to_thread(self._check_hardware, vm, vm.hardware)
             try:
-                # No host ports yet: a connection QEMU accepted before the state is loaded
-                # would be lost with the user network it replaces; clients would hang on it.
-                await self._launch(vm, incoming=True, hostfwd=False)
+                # No host ports yet (see resume_paused).
+                await self._launch(vm, incoming=True)
             except BaseException:
                 await _kill_all(vm)
                 vm.pid = None
@@ -913,10 +913,10 @@ class VMManager:
 
         The VM is then ``paused`` and :meth:`cont` starts it in a few milliseconds (standby
         VMs for cached starts). Returns the open QMP session for :meth:`cont` to reuse. On any
-        failure nothing is left running and the VM stays ``suspended``. ``launched``: its QEMU
-        was started by :meth:`launch_incoming` (and the hardware checked then); it has no host
-        ports yet, ``cont(listen=True)`` adds them. ``timings`` gets the seconds of each step
-        (check, launch, connect, state).
+        failure nothing is left running and the VM stays ``suspended`` (a host port taken
+        since it was checked included). ``launched``: its QEMU was started by
+        :meth:`launch_incoming` (and the hardware checked then). ``timings`` gets the seconds
+        of each step (check, launch, connect, state, listen).
         """
         t = _Stopwatch(timings)
         vm = self.get(vm_id)
@@ -941,6 +941,11 @@ class VMManager:
                 t.lap("connect")
                 await self.load_devstate(vm, mon, vm.devstate_path)
                 t.lap("state")
+                # The host ports listen only now. A connection the user network took before
+                # the load is carried by the user network the load replaces, and its client
+                # waits ~6 s; one taken now is answered once the vCPUs run.
+                await self._add_forwards(vm, mon)
+                t.lap("listen")
             except BaseException:
                 if mon is not None:
                     await mon.close()
@@ -962,16 +967,11 @@ class VMManager:
         vm_id: str,
         mon: Monitor | None = None,
         *,
-        listen: bool = False,
         timings: dict[str, float] | None = None,
     ) -> VM:
         """Run the vCPUs of a paused VM (through ``mon`` if given; it is closed after).
 
-        ``listen``: then listen on its host ports (a VM from :meth:`launch_incoming` has none
-        yet). Not before: a connection the user network accepts while the vCPUs are stopped
-        loses its first packet to the guest, and the client waits for the user network's
-        retransmission, ~3 s. ``timings`` gets the seconds of each step (cont, listen).
-        """
+        ``timings`` gets the seconds it took (cont)."""
         t = _Stopwatch(timings)
         vm = self.get(vm_id)
         try:
@@ -982,12 +982,7 @@ class VMManager:
                 await mon.execute("cont")
                 vm.state = VMState.RUNNING
                 t.lap("cont")
-                try:
-                    if listen:
-                        await self._add_forwards(vm, mon)
-                        t.lap("listen")
-                finally:
-                    vm.save()  # running, even if a host port could not be had
+                vm.save()
         finally:
             if mon is not None:
                 await mon.close()
