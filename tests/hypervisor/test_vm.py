@@ -136,8 +136,9 @@ def test_resume_whose_port_is_taken_meanwhile_stays_suspended(home: Paths, src: 
         thief.listen()
 
     mgr.load_devstate = load_then_take_the_port  # type: ignore[method-assign]
-    with thief, pytest.raises(ConflictError, match=f"{wanted}"):
+    with thief, pytest.raises(ConflictError, match=f"{wanted}") as ei:
         run(mgr.resume(vm.id))
+    assert "stays suspended" in (ei.value.hint or "") and "--forward" in (ei.value.hint or "")
     vm = mgr.get(vm.id)
     assert vm.state is VMState.SUSPENDED and vm.pid is None
     assert (vm.dir / "devstate").stat().st_size > 0

@@ -880,7 +880,8 @@ class VMManager:
 
     async def _add_forwards(self, vm: VM, mon: Monitor) -> None:
         """Listen on the VM's host ports now (QEMU's ``hostfwd_add``), re-picking an auto
-        port that was taken since it was picked."""
+        port that was taken since it was picked. Called with the VM's state loaded and its
+        vCPUs stopped: on failure :meth:`resume_paused` leaves it suspended."""
         fwds = list(vm.forwards)
         for i, f in enumerate(fwds):
             for attempt in range(3):
@@ -894,7 +895,8 @@ class VMManager:
                     raise ConflictError(
                         f"QEMU could not listen on host port {f.host_addr}:{f.host}: "
                         f"{str(out).strip()}",
-                        hint="choose another host port with --forward HOST:GUEST",
+                        hint="the VM stays suspended: resume it once the port is free, or "
+                        f"with another host port (--forward OTHER:{f.guest})",
                     )
                 taken = {g.host for g in fwds}
                 f = PortForward(f.guest, portlib.pick_free(f.host_addr, taken), f.host_addr, True)
