@@ -174,9 +174,11 @@ class HandoffDestination:
                 steps: dict[str, float] = {}
                 run_steps: dict[str, float] = {}
                 try:
-                    vm, mon = await self.vms.resume_paused(s.vm.id, launched=True, timings=steps)
+                    vm, mon = await self.vms.resume_paused(
+                        s.vm.id, launched=True, listen=False, timings=steps
+                    )
                     t_loaded = time.monotonic()
-                    vm = await self.vms.cont(vm.id, mon, timings=run_steps)
+                    vm = await self.vms.cont(vm.id, mon, listen=True, timings=run_steps)
                 except CloudletError as e:
                     raise HandoffRestoreError(
                         "resuming the VM on the destination", e.message
@@ -195,14 +197,14 @@ class HandoffDestination:
                 "bytes": s.bytes + n,
                 "restore_s": round(t_run - t0, 4),
                 # where the restore went: the last records applied and the disk layer closed,
-                # the device state loaded into the waiting QEMU, the host ports listen, the
-                # vCPUs run
+                # the device state loaded into the waiting QEMU, the vCPUs run, the host
+                # ports listen (after cont: see VMManager.cont)
                 "restore": {
                     "apply_s": round(t_applied - t0, 4),
                     "load_s": round(t_loaded - t_applied, 4),
-                    "load_steps": {k: v for k, v in steps.items() if k != "listen"},
-                    "listen_s": steps["listen"],
+                    "load_steps": steps,
                     "cont_s": run_steps["cont"],
+                    "listen_s": run_steps["listen"],
                 },
                 "meta": s.meta,
             }
