@@ -983,8 +983,8 @@ class VMManager:
 
         ``listen``: then listen on its host ports (after ``resume_paused(listen=False)``). A
         handoff does that: a client retrying every few ms would otherwise connect while the
-        vCPUs are stopped, and in the handoff bench such first answers came later (tiny guest
-        at 100 Mbit/s, 8 handoffs each way: median 0.40 s after the resume against 0.32 s).
+        vCPUs are stopped, and in the handoff bench such first answers had a longer tail (tiny
+        guest, 40 handoffs each way: 7 over 0.4 s after the resume against none).
         An auto-picked port taken meanwhile is picked again; a requested one would leave the
         VM running without it (the error says so). ``timings`` gets the seconds of each step
         (cont, listen).
