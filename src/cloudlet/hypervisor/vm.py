@@ -626,7 +626,7 @@ class VMManager:
 
         ``incoming``: QEMU waits for a device state, and the host ports are picked (a
         requested one that is taken refused) but not listened on: :meth:`resume_paused` adds
-        them once the state is loaded."""
+        them once the state is loaded (or :meth:`cont`, after the vCPUs run)."""
         for attempt in range(3):
             vm.forwards = portlib.resolve(vm.forwards)  # saved with the pid below
             cmd = build_command(vm, incoming=incoming, hostfwd=not incoming)
