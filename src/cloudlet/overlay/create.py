@@ -62,6 +62,7 @@ from cloudlet.overlay.format import (
 )
 from cloudlet.overlay.index import PageLookup, load_index
 from cloudlet.overlay.qcow2 import PagePiece, TopLayer
+from cloudlet.util.resident import populate
 from cloudlet.util.sparse import coalesce_extents, page_extents, union_extents
 
 Progress = Callable[[str, int, int], None]
@@ -339,16 +340,6 @@ def _map_pages(path: Path, size: int) -> tuple[mmap.mmap, np.ndarray]:
     return mm, np.frombuffer(mm, dtype=np.uint8).reshape(-1, PAGE)
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
-
-
-def _populate(mm: mmap.mmap, off: int, length: int) -> None:
-    """Map a range in one call: page faults one by one cost more than the compare itself
-    (measured 2.2-3.2 GB/s faulting vs 3.4-3.9 GB/s populated, 7 GB/s warm)."""
-    with contextlib.suppress(OSError, ValueError):
-        mm.madvise(_MADV_POPULATE_READ, off, length)
-
-
 def _encode_memory(
     vm_ram: Path,
     base_ram_path: Path,
@@ -373,8 +364,11 @@ def _encode_memory(
         for p0 in range(a, b, _EXAMINE_PAGES):
             t0, c0 = time.perf_counter(), time.thread_time()
             n = min(_EXAMINE_PAGES, b - p0)
-            _populate(vm_mm, p0 * PAGE, n * PAGE)
-            _populate(base_mm, p0 * PAGE, n * PAGE)
+            # Map the range in one call: page faults one by one cost more than the compare
+            # itself (measured 2.2-3.2 GB/s faulting vs 3.4-3.9 GB/s populated, 7 GB/s warm).
+            span = [(p0 * PAGE, (p0 + n) * PAGE)]
+            populate(vm_mm, span)
+            populate(base_mm, span)
             np.not_equal(
                 vm2[p0 : p0 + n].view(np.uint64), base2[p0 : p0 + n].view(np.uint64), out=neq[:n]
             )

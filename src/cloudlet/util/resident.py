@@ -18,7 +18,7 @@ import numpy as np
 
 from cloudlet.util.sparse import data_extents
 
-_MADV_POPULATE_READ = 22  # Linux 5.14 (Python's mmap module names it from 3.12 on only)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14, Python >= 3.12
 _PAGE = mmap.PAGESIZE
 
 
