@@ -5,7 +5,8 @@ base before it writes anything. It then makes a sparse copy of the base RAM, and
 segment as soon as it has arrived and its hash matched the manifest, so synthesis overlaps
 with the download. Outputs are written under hidden ``.NAME.part`` names and renamed only
 after the trailer (whole-file hash) matched; on any failure they are deleted. ``devstate`` is
-renamed last, so its presence means the set is complete.
+renamed last, so its presence means the set is complete. (Synthesis has them written in place
+instead, into a VM directory whose record says it is still being made: see ``on_outputs``.)
 
 Pages are written with ``pwrite``/``pwritev``, never through a shared mmap: a write into a
 hole of an mmap on a full filesystem is a SIGBUS that kills the process, a ``pwrite`` is an
@@ -573,6 +574,7 @@ def apply_overlay(
     expected_base_id: str | None = None,
     progress: Progress | None = None,
     fsync: bool = False,
+    on_outputs: Callable[[], None] | None = None,
 ) -> ApplyStats:
     """Apply an overlay streamed as ``chunks`` onto ``base``, writing the VM into ``out_dir``.
 
@@ -582,6 +584,13 @@ def apply_overlay(
     truncation, an exception from ``chunks``, ENOSPC) deletes what it wrote and raises.
     ``fsync`` makes the outputs durable before the rename (synthesis usually starts the VM
     right away and does not need it).
+
+    ``on_outputs``: the outputs are written in place, under their final names, the disk layer
+    a valid empty qcow2 from the start, and this is called (from the calling thread) as soon
+    as they exist and the RAM holds the base's: synthesis starts the VM's QEMU then, waiting
+    for the device state, so that its start overlaps the download. For a VM directory that is
+    still ``creating`` (whose record says it holds no snapshot); on failure they are deleted
+    all the same.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -610,7 +619,8 @@ def apply_overlay(
         raise OverlayOutputExists(f"refusing to overwrite {', '.join(existing)}")
     made_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = {name: out_dir / f".{name}.part" for name in OUTPUT_FILES}
+    in_place = on_outputs is not None
+    parts = finals if in_place else {name: out_dir / f".{name}.part" for name in OUTPUT_FILES}
     for p in parts.values():  # leftovers of a crashed earlier attempt
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -627,10 +637,12 @@ def apply_overlay(
     app: RecordApplier | None = None
     segs: Generator[Segment, None, None] | None = None
     try:
-        app = RecordApplier(m, base, parts, backing)
+        app = RecordApplier(m, base, parts, backing, disk_openable=in_place)
         t0 = time.perf_counter()
         stats.base_ram_bytes_copied = app.start()
         stats.seconds["copy_base"] = time.perf_counter() - t0
+        if on_outputs is not None:
+            on_outputs()
         t_dec = t_app = 0.0
         segs = reader.segments(ahead=True)
         while True:
@@ -654,10 +666,11 @@ def apply_overlay(
         stats.disk_data_clusters = app.writer.data_clusters
         stats.disk_zero_clusters = app.writer.zero_flagged
         app.close()
-        app.step = "renaming the outputs into place"
-        for name in OUTPUT_FILES:
-            os.replace(parts[name], finals[name])
-            renamed.append(finals[name])
+        if not in_place:
+            app.step = "renaming the outputs into place"
+            for name in OUTPUT_FILES:
+                os.replace(parts[name], finals[name])
+                renamed.append(finals[name])
         if fsync:
             dfd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
