@@ -6,6 +6,7 @@ import asyncio
 import http.server
 import json
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from cloudlet.overlay.errors import (
 from cloudlet.synthesis.base import BaseStore
 from cloudlet.synthesis.capture import capture_overlay
 from cloudlet.synthesis.synthesize import synthesize
-from helpers import cli, counter, qemu_pids_mentioning
+from helpers import CLOUDLET, cli, counter, qemu_pids_mentioning, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -207,6 +208,124 @@ def test_server_stopping_mid_stream(base_home: Paths, customized: dict) -> None:
     finally:
         srv.shutdown()
     _no_vm_left(base_home)
+
+
+class _Stalled:
+    """Serve ``data`` at any path: the first ``cut`` bytes at once, then hold the rest until
+    :meth:`release` (``finish=False`` cuts the connection there instead)."""
+
+    def __init__(self, data: bytes, cut: int) -> None:
+        self.go = threading.Event()
+        self.finish = True
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:cut])
+                self.wfile.flush()
+                outer.go.wait(120)
+                if outer.finish:
+                    self.wfile.write(data[cut:])
+                self.wfile.flush()
+                self.connection.close()
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+    def __enter__(self) -> _Stalled:
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/app.overlay"
+        return self
+
+    def release(self, *, finish: bool = True) -> None:
+        self.finish = finish
+        self.go.set()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release(finish=False)
+        self.srv.shutdown()
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _waiting_qemu(p: Paths) -> list[int]:
+    """QEMUs of VMs in ``p`` that wait for an incoming device state."""
+    return [
+        pid
+        for pid in qemu_pids_mentioning(str(p.home))
+        if b"-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def _synthesize_in_thread(p: Paths, url: str) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def go() -> None:
+        try:
+            out["result"] = run(synthesize(p, "tiny", url))
+        except BaseException as e:  # handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_qemu_starts_while_the_overlay_still_streams(base_home: Paths, customized: dict) -> None:
+    """QEMU's start overlaps the download: it waits for the device state with the half of the
+    overlay not yet sent, and the VM comes up as it was once the rest arrives."""
+    data = customized["file"].read_bytes()
+    with _Stalled(data, len(data) // 2) as srv:
+        t, out = _synthesize_in_thread(base_home, srv.url)
+        assert wait_until(lambda: _waiting_qemu(base_home), 60), out.get("error")
+        (vm,) = VMManager(base_home).list()
+        assert vm.state is VMState.CREATING  # no snapshot recorded: nothing to resume by mistake
+        assert vm.forwards and not any(_accepts(f.host) for f in vm.forwards)  # not before the load
+        srv.release()
+        t.join(120)
+    res = out["result"]
+    assert res.vm.state is VMState.RUNNING
+    assert res.timings["launch_s"] > 0
+    assert counter(res.vm.host_port(80))["memory"] == customized["counter"]["memory"] + 1
+
+
+def test_stream_cut_after_qemu_started_leaves_nothing(base_home: Paths, customized: dict) -> None:
+    data = customized["file"].read_bytes()
+    with _Stalled(data, len(data) // 2) as srv:
+        t, out = _synthesize_in_thread(base_home, srv.url)
+        assert wait_until(lambda: _waiting_qemu(base_home), 60), out.get("error")
+        srv.release(finish=False)
+        t.join(120)
+    assert isinstance(out.get("error"), CloudletError), out
+    _no_vm_left(base_home)
+
+
+def test_synthesis_killed_midway_ends_its_waiting_qemu(base_home: Paths, customized: dict) -> None:
+    """The synthesizing process is SIGKILLed while its VM's QEMU waits: the next look at the
+    VMs ends that QEMU and marks the VM crashed (it holds no valid snapshot)."""
+    data = customized["file"].read_bytes()
+    with _Stalled(data, len(data) // 2) as srv:
+        proc = subprocess.Popen(
+            [*CLOUDLET, "synthesize", "tiny", srv.url, "--json"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert wait_until(lambda: _waiting_qemu(base_home), 60)
+        finally:
+            proc.kill()
+            proc.wait()
+    (vm,) = VMManager(base_home).list()
+    assert vm.state is VMState.CRASHED
+    assert wait_until(lambda: not qemu_pids_mentioning(str(base_home.home)), 10)
 
 
 def test_full_disk_during_synthesis(base_home: Paths, customized: dict, tmp_path: Path) -> None:

@@ -435,18 +435,23 @@ class VMManager:
         return [v.id for v in self.list() if v.source.kind == kind and v.source.name == name]
 
     def _refresh(self, vm: VM) -> VM:
-        if (
-            vm.state in (VMState.RUNNING, VMState.PAUSED, VMState.CREATING)
-            and not vm.process_alive()
-        ):
+        if vm.state is VMState.CREATING:
             creator = vm.meta.get("creator_pid")
-            if vm.state is VMState.CREATING and creator and _pid_alive(int(creator)):
-                return vm  # a start in progress in another process
-            vm.state = VMState.CRASHED
-            vm.meta["crashed_at"] = time.time()
-            vm.meta["console_tail"] = vm.console_tail(10)
-            with self.locked(vm):
-                vm.save()
+            if creator and _pid_alive(int(creator)):
+                return vm  # being made, in this process or another
+            # Its maker died, so it will never be finished. A QEMU started early (synthesis, a
+            # handoff's destination) would wait forever for its device state: end it.
+            for pid in {vm.pid, vm.read_pid()}:
+                if pid and vm.process_alive(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        elif vm.state not in (VMState.RUNNING, VMState.PAUSED) or vm.process_alive():
+            return vm
+        vm.state = VMState.CRASHED
+        vm.meta["crashed_at"] = time.time()
+        vm.meta["console_tail"] = vm.console_tail(10)
+        with self.locked(vm):
+            vm.save()
         return vm
 
     @contextlib.contextmanager
