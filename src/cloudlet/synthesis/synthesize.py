@@ -164,18 +164,7 @@ async def synthesize(
     t0 = time.monotonic()
     vm = mgr.new_vm(src, base.hardware, forwards=bases.forwards_for(src, forwards), name=name)
     fetch = Fetch(source)
-    loop = asyncio.get_running_loop()
-    outputs = asyncio.Event()  # the VM's files exist: its QEMU may start
-    launched: list[float] = []
-
-    async def launch() -> VM:
-        await outputs.wait()
-        t = time.monotonic()
-        started = await mgr.launch_incoming(vm.id)
-        launched.append(time.monotonic() - t)
-        return started
-
-    launching = asyncio.ensure_future(launch())
+    early = EarlyLaunch(mgr, vm.id)
     try:
         stats = await asyncio.to_thread(
             apply_overlay,
@@ -185,16 +174,13 @@ async def synthesize(
             backing=str(base.path("disk.raw")),
             expected_base_id=base.base_id,
             progress=progress,
-            on_outputs=lambda: loop.call_soon_threadsafe(outputs.set),
+            on_outputs=early.files_ready,
         )
         t_applied = time.monotonic()
-        vm = await launching  # its record now names the QEMU
-        mgr.mark_suspended(vm)
-        vm, mon = await mgr.resume_paused(vm.id, launched=True)
-        vm = await mgr.cont(vm.id, mon)
+        vm = await early.resume()
         t_resumed = time.monotonic()
     except BaseException:
-        await _settle(launching, started=outputs.is_set())
+        await early.settle()
         await mgr.discard(vm)
         raise
     t_first = await first_response(vm, first_response_timeout)
@@ -204,7 +190,7 @@ async def synthesize(
         "decode_s": float(st.get("decode_s", 0.0)),
         "apply_s": float(st.get("apply_s", 0.0)),
         "stream_s": t_applied - t0,  # fetch, decode and apply, overlapped
-        "launch_s": launched[0],  # QEMU's start, overlapped with the stream
+        "launch_s": early.launch_s,  # QEMU's start, overlapped with the stream
         "resume_s": t_resumed - t_applied,  # waiting for that start if not done, load, run
         "first_response_s": (t_first - t_resumed) if t_first else -1.0,
         "total_s": (t_first or t_resumed) - t0,
@@ -212,14 +198,45 @@ async def synthesize(
     return SynthesisResult(vm, timings, fetch.bytes, st)
 
 
-async def _settle(launching: asyncio.Future[VM], *, started: bool) -> None:
-    """Let the QEMU start in progress end, so that discarding the VM kills it (a start cut
-    off midway could leave a daemonized QEMU that no record names yet); a start that is still
-    waiting for the files is simply cancelled."""
-    if not started:
-        launching.cancel()
-    with contextlib.suppress(BaseException):
-        await launching
+class EarlyLaunch:
+    """Start a ``creating`` VM's QEMU as soon as its files exist, then resume it.
+
+    ``files_ready`` is ``apply_overlay``'s ``on_outputs`` (called from the applying thread);
+    the QEMU then starts in the background, waiting for the device state, while the rest is
+    applied. :meth:`resume` records the snapshot, loads it into that QEMU and runs the VM.
+    After a failure, :meth:`settle` before discarding the VM: a QEMU start cut off midway could
+    leave a daemonized QEMU that no record names yet, so a start under way is let finish (the
+    discard then kills it), and one still waiting for the files is cancelled.
+    """
+
+    def __init__(self, mgr: VMManager, vm_id: str) -> None:
+        self.mgr = mgr
+        self.launch_s = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._task = asyncio.ensure_future(self._launch(vm_id))
+
+    def files_ready(self) -> None:
+        self._loop.call_soon_threadsafe(self._ready.set)
+
+    async def _launch(self, vm_id: str) -> VM:
+        await self._ready.wait()
+        t = time.monotonic()
+        vm = await self.mgr.launch_incoming(vm_id)
+        self.launch_s = time.monotonic() - t
+        return vm
+
+    async def resume(self) -> VM:
+        vm = await self._task  # its record names the QEMU now
+        self.mgr.mark_suspended(vm)
+        vm, mon = await self.mgr.resume_paused(vm.id, launched=True)
+        return await self.mgr.cont(vm.id, mon)
+
+    async def settle(self) -> None:
+        if not self._ready.is_set():
+            self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
 
 
 async def first_response(vm: VM, timeout: float) -> float | None:
