@@ -41,6 +41,9 @@ class Paths:
         return self.home / "tmp"
 
     def ensure(self) -> Paths:
+        """Create the layout. A new home is private (0700): it holds the VMs' RAM files, that
+        is their guests' memory, and the catalog. An existing one is left as its owner set it."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         for p in (self.images, self.bases, self.vms, self.cache, self.tmp):
             p.mkdir(parents=True, exist_ok=True)
         return self
