@@ -225,6 +225,31 @@ def test_missing_overlay_file_is_409_and_packages_round_trip(
         assert r.status_code == 409 and "missing" in r.json()["message"]
 
 
+def test_overlay_damaged_on_disk_fails_the_first_start_and_leaves_nothing(
+    server: Server, sample_overlay: Path, srv_home: Paths
+) -> None:
+    """The first start applies the overlay while the VM's QEMU already waits for it: a segment
+    damaged since the upload fails the start, names the segment, and no VM, QEMU or cache
+    entry is left."""
+    server.start("--no-bootstrap")
+    with server.client() as c:
+        o = upload(c, sample_overlay)
+        register(c, o["id"], sid="org.example.rot")
+        f = srv_home.home / "overlays" / f"{o['id']}.overlay"
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) * 3 // 4] ^= 0x01
+        f.write_bytes(bytes(raw))
+        r = c.post("/v1/instances", json={"service_id": "org.example.rot"})
+        assert r.status_code == 202
+        op = wait_op(c, r.json()["operation"])
+        assert op["state"] == "failed" and "segment" in op["error"]["message"], op
+        inst = c.get(f"/v1/instances/{r.json()['instance']['id']}").json()
+        assert inst["state"] == "failed"
+        assert c.get("/v1/vms").json() == []
+        assert qemu_pids_mentioning(str(srv_home.home)) == []
+        assert list((srv_home.cache / "services").glob("*/*")) == []
+
+
 def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
     server.start()  # with the bootstrap (base VM tiny is already here: that step is skipped)
     with server.client() as c:

@@ -7,7 +7,8 @@ decision (no I/O but the catalog), so 20 concurrent join-starts make one instanc
 joining an instance that is still booting waits for that boot (its operation), not another one.
 
 Boot: the first start of a service synthesizes it (base VM + overlay, applied into a new VM
-directory), copies the rebuilt snapshot into the :class:`~.cache.SnapshotCache` and resumes it;
+directory, its QEMU started meanwhile: :class:`~cloudlet.synthesis.synthesize.EarlyLaunch`),
+copies the rebuilt snapshot into the :class:`~.cache.SnapshotCache` and resumes it;
 later starts copy the cached snapshot into a new VM directory and resume it (no overlay
 decoding at all).
 
@@ -333,6 +334,7 @@ class InstanceManager:
     async def _boot(self, ctx: OperationContext, iid: str) -> dict[str, Any]:
         from cloudlet.overlay import apply_overlay, file_chunks
         from cloudlet.synthesis.base import BaseStore
+        from cloudlet.synthesis.synthesize import EarlyLaunch
 
         t0 = time.monotonic()
         with self.catalog.session() as s:
@@ -354,6 +356,7 @@ class InstanceManager:
             )
         with self.catalog.session() as s:
             self.row(s, iid).vm_id = vm.id
+        early: EarlyLaunch | None = None  # synthesis: QEMU starts while the overlay applies
         try:
             if vm.state in (VMState.SUSPENDED, VMState.PAUSED):
                 kind = "cached"  # a standby VM: the cached snapshot, resumed ahead
@@ -363,6 +366,7 @@ class InstanceManager:
                 kind = "cached"
             else:
                 ctx.progress(0.02, "applying the overlay")
+                early = EarlyLaunch(self.vms, vm.id)
                 await asyncio.to_thread(
                     apply_overlay,
                     file_chunks(overlay_path),
@@ -371,6 +375,7 @@ class InstanceManager:
                     backing=str(base.path("disk.raw")),
                     expected_base_id=base.base_id,
                     progress=ctx.step_progress(0.02, 0.8),
+                    on_outputs=early.files_ready,
                 )
                 overlay_bytes = overlay["size"]
                 timings["apply_s"] = time.monotonic() - t0
@@ -390,6 +395,8 @@ class InstanceManager:
             ctx.progress(0.9, "resuming")
             if vm.state is VMState.PAUSED:
                 vm = await self.vms.cont(vm.id, self._spare_mons.pop(vm.id, None))
+            elif early is not None:
+                vm = await early.resume()
             else:
                 if vm.state is not VMState.SUSPENDED:
                     self.vms.mark_suspended(vm)
@@ -408,6 +415,8 @@ class InstanceManager:
                     )
             self._release_spare_ram(vm.id)  # running: QEMU maps what the guest uses
         except BaseException as e:
+            if early is not None:
+                await early.settle()
             self._release_spare_ram(vm.id)
             spare_mon = self._spare_mons.pop(vm.id, None)
             if spare_mon is not None:
