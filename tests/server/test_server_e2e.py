@@ -250,6 +250,19 @@ def test_overlay_damaged_on_disk_fails_the_first_start_and_leaves_nothing(
         assert list((srv_home.cache / "services").glob("*/*")) == []
 
 
+def test_serve_warns_of_a_data_dir_open_to_other_users(server: Server, srv_home: Paths) -> None:
+    srv_home.home.chmod(0o755)
+    server.start("--no-bootstrap")
+    server.stop()
+    assert "is open to other users (mode 0755)" in server.log.read_text()
+    server.log.unlink()
+    srv_home.home.chmod(0o700)
+    server.start("--no-bootstrap")
+    server.stop()
+    assert "cloudlet serving" in server.log.read_text()
+    assert "open to other users" not in server.log.read_text()
+
+
 def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
     server.start()  # with the bootstrap (base VM tiny is already here: that step is skipped)
     with server.client() as c:

@@ -95,5 +95,12 @@ def serve(
         settings.name = name
     app = create_app(p, settings, on_admin_token=_print_token)
     console.print(f"cloudlet serving {p.home} on http://{host}:{port} (API docs: /docs)")
+    mode = p.home.stat().st_mode & 0o777
+    if mode & 0o077:
+        logging.getLogger("cloudlet").warning(
+            "%s is open to other users (mode %04o) and holds the VMs' RAM files (their "
+            "guests' memory): chmod 700 %s",
+            p.home, mode, p.home,
+        )  # fmt: skip
     # loop="asyncio": under uvloop, waiting for a daemonizing QEMU's pipes never ends.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, loop="asyncio")
