@@ -263,6 +263,23 @@ def test_serve_warns_of_a_data_dir_open_to_other_users(server: Server, srv_home:
     assert "open to other users" not in server.log.read_text()
 
 
+def test_serve_json_says_everything_as_json_lines(server: Server, srv_home: Paths) -> None:
+    srv_home.home.chmod(0o755)
+    server.start("--no-bootstrap", "--json")
+    server.stop()
+    lines = [json.loads(ln) for ln in server.log.read_text().splitlines()]  # each one JSON
+    events = {d["event"]: d for d in lines if "event" in d}
+    assert events["serving"]["url"] == server.url
+    assert events["serving"]["home"] == str(srv_home.home)
+    assert events["admin_token"]["token"] == server.token  # the first admin token, made now
+    logs = [d for d in lines if "event" not in d]
+    assert {"time", "level", "logger", "message"} <= set(logs[0])
+    started = [d for d in logs if d["logger"] == "cloudlet.server"]
+    assert any(d["message"].startswith("started") for d in started)
+    assert any(d["level"] == "warning" and "open to other users" in d["message"] for d in logs)
+    assert any(d["logger"].startswith("uvicorn") for d in logs)
+
+
 def test_first_start_bootstraps_the_sample_service_once(server: Server) -> None:
     server.start()  # with the bootstrap (base VM tiny is already here: that step is skipped)
     with server.client() as c:
