@@ -17,7 +17,7 @@ from cloudlet.cli.common import (
     table,
     tags_line,
 )
-from cloudlet.client.connect import ServerOpt, connect_mobile
+from cloudlet.cli.connect import ServerOpt, connect_mobile
 
 app = typer.Typer(help="Client apps for mobile users, tied to a service id.", no_args_is_help=True)
 

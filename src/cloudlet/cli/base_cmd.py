@@ -15,11 +15,9 @@ from cloudlet.cli.common import (
     show_written,
     table,
 )
+from cloudlet.cli.connect import ServerOpt, connect
 from cloudlet.cli.vm_cmd import parse_memory
-from cloudlet.client.connect import ServerOpt, connect
 from cloudlet.config import paths
-from cloudlet.images.store import ImageStore
-from cloudlet.synthesis.base import BaseStore
 
 app = typer.Typer(
     help="Base VMs: snapshotted images that overlays are made against.", no_args_is_help=True
@@ -37,6 +35,9 @@ def create(
     as_json: bool = JsonOpt,
 ) -> None:
     """Boot IMAGE, wait until ready, snapshot it and store it as base VM NAME."""
+    from cloudlet.images.store import ImageStore
+    from cloudlet.synthesis.base import BaseStore
+
     p = paths()
     store = ImageStore(p)
     img = store.verify(image)
@@ -75,6 +76,8 @@ def info(name: str, server: str = ServerOpt, as_json: bool = JsonOpt) -> None:
 @handle_errors
 def delete(name: str, as_json: bool = JsonOpt) -> None:
     """Delete a base VM (refused while any VM uses it)."""
+    from cloudlet.synthesis.base import BaseStore
+
     BaseStore(paths()).delete(name)
     emit({"name": name, "deleted": True}, as_json, lambda d: console.print(f"deleted base {name}"))
 
@@ -87,6 +90,8 @@ def export(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a base VM as one file (for another cloudlet to import)."""
+    from cloudlet.synthesis.base import BaseStore
+
     with console.status(f"exporting base {name}..."):
         d = BaseStore(paths()).export(name, output)
     emit(d, as_json, show_written)
@@ -100,6 +105,8 @@ def import_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Import an exported base VM; it is verified before it is accepted."""
+    from cloudlet.synthesis.base import BaseStore
+
     with console.status(f"importing and verifying {file}..."):
         b = BaseStore(paths()).import_(file, name)
     emit(

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, table
-from cloudlet.client.connect import ServerOpt, connect_mobile
+from cloudlet.cli.connect import ServerOpt, connect_mobile
 
 app = typer.Typer(
     help="Paired mobile devices (credentials for the encrypted KD-Cloudlet API).",

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors
-from cloudlet.client.connect import ServerOpt, connect
+from cloudlet.cli.connect import ServerOpt, connect
 
 
 def register(app: typer.Typer) -> None:

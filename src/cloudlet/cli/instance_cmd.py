@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, table
-from cloudlet.client.connect import ServerOpt, connect
+from cloudlet.cli.connect import ServerOpt, connect
 
 app = typer.Typer(help="Instances: VMs running a service for its users.", no_args_is_help=True)
 

@@ -17,8 +17,8 @@ from cloudlet.cli.common import (
     table,
     tags_line,
 )
+from cloudlet.cli.connect import ServerOpt, connect
 from cloudlet.cli.vm_cmd import parse_memory
-from cloudlet.client.connect import ServerOpt, connect
 
 app = typer.Typer(
     help="Services: a base VM + an overlay, ports and resources.", no_args_is_help=True

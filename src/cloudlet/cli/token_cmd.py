@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, table
-from cloudlet.client.connect import ServerOpt, connect
+from cloudlet.cli.connect import ServerOpt, connect
 
 app = typer.Typer(help="API tokens for the server (admin or device).", no_args_is_help=True)
 

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 
 from cloudlet.cli.common import JsonOpt, console, emit, handle_errors, run_async, table
-from cloudlet.client.connect import ServerOpt, connect
+from cloudlet.cli.connect import ServerOpt, connect
 from cloudlet.config import paths
 from cloudlet.errors import InvalidInputError
 from cloudlet.hypervisor.ports import PortForward, parse_forward

@@ -2,7 +2,7 @@
 
 The same pattern as :class:`cloudlet.client.Client` / :class:`cloudlet.services.local.
 LocalCloudlet`: two classes with the same methods and results, so each CLI command is written
-once (``connect_mobile(server)`` in :mod:`cloudlet.client.connect` picks one).
+once (``connect_mobile(server)`` in :mod:`cloudlet.cli.connect` picks one).
 """
 
 from __future__ import annotations
