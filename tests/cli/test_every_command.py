@@ -27,7 +27,7 @@ def test_every_command_takes_json() -> None:
 
 def test_starting_the_cli_loads_no_heavy_module() -> None:
     """Every call pays for what ``cloudlet.cli.main`` imports: numpy, httpx and the overlay
-    engine wait until a command needs them (0.53 -> 0.38 s for ``cloudlet version`` here)."""
+    engine wait until a command needs them."""
     code = (
         "import sys, cloudlet.cli.main; "
         "print(sorted(m for m in ('numpy', 'httpx', 'cloudlet.overlay', 'cloudlet.synthesis',"
