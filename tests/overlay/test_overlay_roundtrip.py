@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import json
+import stat
 import subprocess
 from pathlib import Path
 
@@ -66,6 +67,29 @@ def test_roundtrip_is_exact(built: Built, tmp_path: Path) -> None:
     assert {"copy_base", "read_decode", "apply", "finish", "total"} <= set(st.seconds)
     d = st.to_dict()
     assert d["decode_s"] >= 0 and d["apply_s"] > 0
+
+
+def test_outputs_in_place_for_an_early_qemu_and_private(built: Built, tmp_path: Path) -> None:
+    """``on_outputs``: the files exist under their final names when it is called (a QEMU may
+    open them then), and the VM they end as is the same. Either way they are 0600: guest
+    memory, device state and disk."""
+    seen: list[list[str]] = []
+    out = tmp_path / "vm"
+    apply_overlay(
+        file_chunks(built.overlay),
+        built.base,
+        out,
+        backing=str(built.base.disk),
+        on_outputs=lambda: seen.append(sorted(p.name for p in out.iterdir())),
+    )
+    assert seen == [["devstate", "disk.qcow2", "memory.ram"]]
+    check_same_vm(built.vm.vm_dir, out, built.base.disk)
+    hidden = tmp_path / "hidden"
+    apply_overlay(file_chunks(built.overlay), built.base, hidden, backing=str(built.base.disk))
+    for d in (out, hidden):
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == dict.fromkeys(
+            ("devstate", "disk.qcow2", "memory.ram"), 0o600
+        )
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 4093, 1 << 22])

@@ -228,7 +228,7 @@ class RecordApplier:
         self.counts: dict[tuple[Kind, Payload], int] = {}
 
     def _open(self, path: Path, flags: int) -> int:
-        fd = os.open(path, flags, 0o644)
+        fd = os.open(path, flags, 0o600)  # guest memory, device state: the user's own
         self.fds.append(fd)
         return fd
 

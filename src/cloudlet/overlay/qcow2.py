@@ -281,7 +281,7 @@ class Qcow2Writer:
         self.l2_entries = CLUSTER // 8
         self._l2: dict[int, np.ndarray] = {}
         self._next = 1  # cluster 0 is the header, written last
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # guest data
         self.data_clusters = 0
         self.zero_flagged = 0
         self._placeholder_end = 1  # clusters 1 .. this-1 hold the placeholder's tables
