@@ -621,9 +621,10 @@ def apply_overlay(
     out_dir.mkdir(parents=True, exist_ok=True)
     in_place = on_outputs is not None
     parts = finals if in_place else {name: out_dir / f".{name}.part" for name in OUTPUT_FILES}
-    for p in parts.values():  # leftovers of a crashed earlier attempt
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    if not in_place:  # (in place: the check above found none)
+        for p in parts.values():  # leftovers of a crashed earlier attempt
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
     limits = RecordLimits(
         mem_pages=m.mem_pages,
         disk_pages=m.disk_pages,
