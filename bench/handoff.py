@@ -618,6 +618,7 @@ def handoff_run(
     }
     out["throttle"] = rep.get("throttle", [])
     out["final_burst_s"] = rep.get("final_burst_s")
+    out["final_burst"] = rep.get("final_burst")
     dest = rep["destination"]
     if guest.dirty:
         after = dirtier_progress(bench.b.paths, dest["vm"])

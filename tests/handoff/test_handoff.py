@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ from cloudlet.handoff.destination import HandoffDestination
 from cloudlet.handoff.errors import HandoffError, HandoffPrepareError
 from cloudlet.handoff.link import LocalLink
 from cloudlet.handoff.source import HandoffOptions, HandoffSource
+from cloudlet.hypervisor.qmp import Monitor
+from cloudlet.hypervisor.usernet import unanswered
 from cloudlet.hypervisor.vm import VMManager, VMState
 from cloudlet.synthesis.base import BaseStore
 from helpers import counter, qemu_pids_mentioning
@@ -297,8 +301,8 @@ def test_a_vm_dirtying_faster_than_the_link_is_throttled_and_arrives_intact(
     assert 0.5 <= first["held"] < 1
     after = [r for r in rep["rounds"] if r["round"] > first["after_round"] and not r["final"]]
     assert after and max(r["throttle"] for r in after) > 0.3  # the VM really was held
-    # Before the pause it ran unthrottled for a moment, to answer what it held.
-    assert rep["final_burst_s"] >= HandoffOptions().final_burst_s > 0
+    # Before the pause it was let run to answer the requests it held: there were none.
+    assert rep["final_burst"] == {"held": 0, "ended": "none held"}
     moved = rep["destination"]["vm"]
     assert counter(VMManager(dest_home).get(moved).host_port(80)) == {"memory": 4, "disk": 4}
     assert run(VMManager(dest_home).exec(moved, "md5sum /root/blob")).stdout == vm.meta["md5"]
@@ -441,3 +445,55 @@ def test_the_final_round_sends_the_hot_set_before_the_full_compare(base_home: Pa
         assert not (enc.ram.view(np.uint64).reshape(-1, PAGE // 8) != shadow).any()
     finally:
         enc.close()
+
+
+# A CGI the guest takes a second (of guest time) to answer.
+SLOW_CGI = b'#!/bin/sh\nsleep 1\nprintf "Content-Type: text/plain\\r\\n\\r\\nslow done\\n"\n'
+
+
+def test_the_final_burst_ends_once_the_held_requests_are_answered(base_home: Paths) -> None:
+    """Before the final pause, a throttled VM runs until the user network shows every request
+    it held answered (closed by the guest, the answer written to the client), and no longer;
+    with none held, the pause comes at once; a connection that stays open ends at the cap."""
+    vm, port = _start(base_home)
+    mgr = VMManager(base_home)
+    cmd = "cat > /www/cgi-bin/slow && chmod 755 /www/cgi-bin/slow"
+    r = run(mgr.exec(vm.id, cmd, stdin=SLOW_CGI))
+    assert r.exit_code == 0, r.stderr
+    src = HandoffSource(base_home, vm.id, LocalLink(HandoffDestination(base_home)))
+
+    async def burst(cap: float, sock: socket.socket | None) -> tuple[dict[str, Any], bool]:
+        src.opts.final_burst_s = cap
+        async with await Monitor.connect(vm.qmp_path) as mon:
+            if sock is not None:  # the user network has accepted it before the burst starts
+                for _ in range(500):
+                    if await unanswered(mon, vm.forwards):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("the connection never showed in `info usernet`")
+            await src._final_burst(vm, mon)
+        ready = sock is not None and select.select([sock], [], [], 0)[0] != []
+        return src.burst, ready
+
+    # Nothing held: no burst.
+    assert run(burst(30.0, None)) == ({"held": 0, "ended": "none held"}, False)
+    # A request the guest takes a second to answer: the burst ends when it is answered, and by
+    # then the whole answer waits on the client's socket (read without blocking).
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /cgi-bin/slow HTTP/1.0\r\nHost: t\r\n\r\n")
+        report, ready = run(burst(30.0, s))
+        assert report == {"held": 1, "ended": "answered"}
+        assert ready
+        s.setblocking(False)
+        got = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := s.recv(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.") and got.endswith(b"slow done\n"), got
+    # A connection with no request stays open: the burst ends at its cap.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        report, _ = run(burst(0.3, s))
+        assert report == {"held": 1, "ended": "cap"}
+        assert src.burst_s >= 0.3
+    assert counter(port)["memory"] == 4  # and the VM serves as before

@@ -52,6 +52,7 @@ from cloudlet.handoff.wire import (
     encode_frame,
 )
 from cloudlet.hypervisor.qmp import Monitor
+from cloudlet.hypervisor.usernet import unanswered
 from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.overlay.codecs import CODECS
 from cloudlet.overlay.format import MAX_DEVSTATE_RECORD, PAGE, Kind, Payload, pack_record
@@ -65,6 +66,7 @@ log = logging.getLogger("cloudlet.handoff")
 
 Progress = Callable[[str, int, int], None]
 COMPARE_CHUNK = 64 << 20
+_BURST_POLL_S = 0.002  # how often the final burst asks for the VM's connections
 _STAMP_SETTLE_S = 0.05  # a file time this old cannot be stamped again by a write in its tick
 REFERENCE_SAMPLE = 128 << 10  # bytes of each frame compressed with zstd-1 as the reference
 _ZERO_PAGE = bytes(PAGE)
@@ -85,10 +87,10 @@ class HandoffOptions:
     throttle_first: float = 0.8  # first throttle: the VM held 80% of the time
     throttle_max: float = 0.97  # at most: the VM still runs 3% of the time
     throttle_period_s: float = 0.1
-    # A VM that was throttled runs unthrottled this long before the final pause, so that the
-    # requests it holds are answered: held 97% of the time, a service answers about once a
-    # second, and without this its last answer could come that long before the pause. The
-    # cost is what the VM dirties meanwhile, in the final round.
+    # A VM that was throttled runs unthrottled before the final pause until it has answered
+    # the requests it holds, at most this long: held 97% of the time, a service answers about
+    # once a second, and without this its last answer could come that long before the pause.
+    # The cost is what the VM dirties meanwhile, in the final round (see _final_burst).
     final_burst_s: float = 0.05
 
 
@@ -496,6 +498,7 @@ class HandoffSource:
         self.rounds: list[RoundStats] = []
         self.throttle_steps: list[dict[str, float]] = []
         self.burst_s = 0.0  # measured: the throttle's end to the final pause (when throttled)
+        self.burst: dict[str, Any] = {}  # how that burst ended (see _final_burst)
 
     async def run(self) -> dict[str, Any]:
         vm = self.vms.get(self.vm_id)
@@ -536,6 +539,7 @@ class HandoffSource:
             "compression": self.ctl.snapshot(),
             "throttle": self.throttle_steps,
             "final_burst_s": round(self.burst_s, 4),
+            "final_burst": self.burst,
         }
 
     async def _transfer(
@@ -555,18 +559,51 @@ class HandoffSource:
                     await self._precopy(vm, enc, session, throttle)
                 finally:
                     await throttle.close()  # the VM runs again; the pause below is the real one
-                t_free = time.monotonic()
                 if self.throttle_steps and self.opts.final_burst_s > 0:
-                    await asyncio.sleep(self.opts.final_burst_s)  # see HandoffOptions
+                    await self._final_burst(vm, mon)
             except BaseException:
                 await self.link.abort(session)
                 raise
-            if self.throttle_steps:
-                self.burst_s = time.monotonic() - t_free
             return await self._stop_and_copy(vm, enc, session, mon)
         finally:
             with contextlib.suppress(Exception):
                 await mon.close()
+
+    async def _final_burst(self, vm: VM, mon: Monitor) -> None:
+        """Let a throttled VM run until it has answered the requests it held, then return.
+
+        The requests are the host connections on the VM's forwarded ports that its guest had
+        not answered (closed) when the throttle ended, as QEMU's user network reports them
+        (``cloudlet.hypervisor.usernet``). Pausing just after the last of them is answered
+        puts the client's last answer from the source right before the pause; pausing later
+        would only add what the VM dirties meanwhile to the final round. With none held, the
+        pause comes at once. ``final_burst_s`` caps the wait (a kept-alive connection looks
+        unanswered until its client closes it); if the table cannot be read, the burst is
+        that long, as a fixed burst.
+        """
+        cap = self.opts.final_burst_s
+        t0 = time.monotonic()
+        held: set[int] | None = None
+        try:
+            held = await unanswered(mon, vm.forwards)
+            waiting = set(held)
+            while waiting and time.monotonic() - t0 < cap:
+                await asyncio.sleep(_BURST_POLL_S)
+                waiting &= await unanswered(mon, vm.forwards)
+        except CloudletError as e:
+            log.warning("handoff VM %s: cannot read its connections (%s); a fixed burst", vm.id, e)
+            await asyncio.sleep(max(0.0, cap - (time.monotonic() - t0)))
+            waiting = set()
+        self.burst_s = time.monotonic() - t0
+        if held is None:
+            ended = "unknown"
+        else:
+            ended = "answered" if held and not waiting else ("cap" if waiting else "none held")
+        self.burst = {"held": None if held is None else len(held), "ended": ended}
+        log.info(
+            "handoff VM %s: ran unthrottled %.3f s before the pause (%s requests held, %s)",
+            vm.id, self.burst_s, self.burst["held"], ended,
+        )  # fmt: skip
 
     async def _precopy(self, vm: VM, enc: _Encoder, session: str, throttle: Throttle) -> None:
         """Rounds while the VM runs, until the last one fits the downtime target.
