@@ -19,7 +19,7 @@ from cloudlet.handoff.errors import HandoffError, HandoffPrepareError
 from cloudlet.handoff.link import LocalLink
 from cloudlet.handoff.source import HandoffOptions, HandoffSource
 from cloudlet.hypervisor.qmp import Monitor
-from cloudlet.hypervisor.usernet import unanswered
+from cloudlet.hypervisor.usernet import AnswerWatch, unanswered
 from cloudlet.hypervisor.vm import VMManager, VMState
 from cloudlet.synthesis.base import BaseStore
 from helpers import counter, qemu_pids_mentioning
@@ -302,7 +302,7 @@ def test_a_vm_dirtying_faster_than_the_link_is_throttled_and_arrives_intact(
     after = [r for r in rep["rounds"] if r["round"] > first["after_round"] and not r["final"]]
     assert after and max(r["throttle"] for r in after) > 0.3  # the VM really was held
     # Before the pause it was let run to answer the requests it held: there were none.
-    assert rep["final_burst"] == {"held": 0, "ended": "none held"}
+    assert rep["final_burst"] == {"held": 0, "ended": "none held", "since_answer_s": None}
     moved = rep["destination"]["vm"]
     assert counter(VMManager(dest_home).get(moved).host_port(80)) == {"memory": 4, "disk": 4}
     assert run(VMManager(dest_home).exec(moved, "md5sum /root/blob")).stdout == vm.meta["md5"]
@@ -454,7 +454,8 @@ SLOW_CGI = b'#!/bin/sh\nsleep 1\nprintf "Content-Type: text/plain\\r\\n\\r\\nslo
 def test_the_final_burst_ends_once_the_held_requests_are_answered(base_home: Paths) -> None:
     """Before the final pause, a throttled VM runs until the user network shows every request
     it held answered (closed by the guest, the answer written to the client), and no longer;
-    with none held, the pause comes at once; a connection that stays open ends at the cap."""
+    with none held, or one answered just before, the pause comes at once; a connection that
+    stays open ends at the cap."""
     vm, port = _start(base_home)
     mgr = VMManager(base_home)
     cmd = "cat > /www/cgi-bin/slow && chmod 755 /www/cgi-bin/slow"
@@ -462,9 +463,20 @@ def test_the_final_burst_ends_once_the_held_requests_are_answered(base_home: Pat
     assert r.exit_code == 0, r.stderr
     src = HandoffSource(base_home, vm.id, LocalLink(HandoffDestination(base_home)))
 
-    async def burst(cap: float, sock: socket.socket | None) -> tuple[dict[str, Any], bool]:
+    async def burst(
+        cap: float, sock: socket.socket | None, answer_first: bool = False
+    ) -> tuple[dict[str, Any], bool]:
         src.opts.final_burst_s = cap
         async with await Monitor.connect(vm.qmp_path) as mon:
+            src.watch = None
+            if answer_first:  # the watch (as the throttle starts it) sees an answer go out
+                src.watch = AnswerWatch(mon, vm.forwards)
+                src.watch.start()
+                await asyncio.to_thread(counter, port)
+                for _ in range(500):
+                    if src.watch.last_answer is not None:
+                        break
+                    await asyncio.sleep(0.01)
             if sock is not None:  # the user network has accepted it before the burst starts
                 for _ in range(500):
                     if await unanswered(mon, vm.forwards):
@@ -474,7 +486,7 @@ def test_the_final_burst_ends_once_the_held_requests_are_answered(base_home: Pat
                     raise AssertionError("the connection never showed in `info usernet`")
             await src._final_burst(vm, mon)
         ready = sock is not None and select.select([sock], [], [], 0)[0] != []
-        return src.burst, ready
+        return {k: v for k, v in src.burst.items() if k != "since_answer_s"}, ready
 
     # Nothing held: no burst.
     assert run(burst(30.0, None)) == ({"held": 0, "ended": "none held"}, False)
@@ -491,9 +503,15 @@ def test_the_final_burst_ends_once_the_held_requests_are_answered(base_home: Pat
             while chunk := s.recv(65536):
                 got += chunk
         assert got.startswith(b"HTTP/1.") and got.endswith(b"slow done\n"), got
-    # A connection with no request stays open: the burst ends at its cap.
+    # A connection with no request stays open: the burst ends at its cap...
     with socket.create_connection(("127.0.0.1", port)) as s:
         report, _ = run(burst(0.3, s))
         assert report == {"held": 1, "ended": "cap"}
         assert src.burst_s >= 0.3
-    assert counter(port)["memory"] == 4  # and the VM serves as before
+    # ...unless the guest answered another less than the cap ago: that held connection came
+    # after the answer, and the client's last answer is recent. No wait then.
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        report, _ = run(burst(60.0, s, answer_first=True))
+        assert report == {"held": 1, "ended": "just answered"}
+        assert 0 < src.burst["since_answer_s"] < 60
+    assert counter(port)["memory"] == 5  # and the VM serves as before (one more answered)

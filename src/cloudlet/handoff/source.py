@@ -52,7 +52,7 @@ from cloudlet.handoff.wire import (
     encode_frame,
 )
 from cloudlet.hypervisor.qmp import Monitor
-from cloudlet.hypervisor.usernet import unanswered
+from cloudlet.hypervisor.usernet import AnswerWatch
 from cloudlet.hypervisor.vm import VM, VMManager, VMState
 from cloudlet.overlay.codecs import CODECS
 from cloudlet.overlay.format import MAX_DEVSTATE_RECORD, PAGE, Kind, Payload, pack_record
@@ -499,6 +499,7 @@ class HandoffSource:
         self.throttle_steps: list[dict[str, float]] = []
         self.burst_s = 0.0  # measured: the throttle's end to the final pause (when throttled)
         self.burst: dict[str, Any] = {}  # how that burst ended (see _final_burst)
+        self.watch: AnswerWatch | None = None  # the VM's answers, once it is throttled
 
     async def run(self) -> dict[str, Any]:
         vm = self.vms.get(self.vm_id)
@@ -561,11 +562,15 @@ class HandoffSource:
                     await throttle.close()  # the VM runs again; the pause below is the real one
                 if self.throttle_steps and self.opts.final_burst_s > 0:
                     await self._final_burst(vm, mon)
+                if self.watch is not None:
+                    await self.watch.stop()  # the monitor is the final pause's alone now
             except BaseException:
                 await self.link.abort(session)
                 raise
             return await self._stop_and_copy(vm, enc, session, mon)
         finally:
+            if self.watch is not None:
+                await self.watch.stop()
             with contextlib.suppress(Exception):
                 await mon.close()
 
@@ -576,20 +581,26 @@ class HandoffSource:
         not answered (closed) when the throttle ended, as QEMU's user network reports them
         (``cloudlet.hypervisor.usernet``). Pausing just after the last of them is answered
         puts the client's last answer from the source right before the pause; pausing later
-        would only add what the VM dirties meanwhile to the final round. With none held, the
-        pause comes at once. ``final_burst_s`` caps the wait (a kept-alive connection looks
-        unanswered until its client closes it); if the table cannot be read, the burst is
-        that long, as a fixed burst.
+        would only add what the VM dirties meanwhile to the final round. So the pause comes at
+        once when none is held, or when the guest answered one less than ``final_burst_s``
+        ago (the watch kept since the throttle began says when): what is held then arrived
+        after that answer, and the client has waited less than the burst could save.
+        ``final_burst_s`` also caps the wait (a kept-alive connection looks unanswered until
+        its client closes it); if the table cannot be read, the burst is that long.
         """
         cap = self.opts.final_burst_s
         t0 = time.monotonic()
+        watch = self.watch or AnswerWatch(mon, vm.forwards)
+        await watch.stop()  # polled here from now on
         held: set[int] | None = None
+        since = None
         try:
-            held = await unanswered(mon, vm.forwards)
-            waiting = set(held)
+            held = await watch.poll()
+            since = watch.since_answer()
+            waiting = set(held) if since is None or since >= cap else set()
             while waiting and time.monotonic() - t0 < cap:
                 await asyncio.sleep(_BURST_POLL_S)
-                waiting &= await unanswered(mon, vm.forwards)
+                waiting &= await watch.poll()
         except CloudletError as e:
             log.warning("handoff VM %s: cannot read its connections (%s); a fixed burst", vm.id, e)
             await asyncio.sleep(max(0.0, cap - (time.monotonic() - t0)))
@@ -597,9 +608,17 @@ class HandoffSource:
         self.burst_s = time.monotonic() - t0
         if held is None:
             ended = "unknown"
+        elif not held:
+            ended = "none held"
+        elif since is not None and since < cap:
+            ended = "just answered"
         else:
-            ended = "answered" if held and not waiting else ("cap" if waiting else "none held")
-        self.burst = {"held": None if held is None else len(held), "ended": ended}
+            ended = "cap" if waiting else "answered"
+        self.burst = {
+            "held": None if held is None else len(held),
+            "ended": ended,
+            "since_answer_s": None if since is None else round(since, 4),
+        }
         log.info(
             "handoff VM %s: ran unthrottled %.3f s before the pause (%s requests held, %s)",
             vm.id, self.burst_s, self.burst["held"], ended,
@@ -639,6 +658,9 @@ class HandoffSource:
                     vm.id, n, prev.raw_bytes if prev else 0, st.raw_bytes, 100 * (1 - f),
                 )  # fmt: skip
                 throttle.set(f)
+                if self.watch is None:  # when its guest answers, for the final burst
+                    self.watch = AnswerWatch(throttle.mon, vm.forwards)
+                    self.watch.start()
                 self.throttle_steps.append({"after_round": n, "held": round(f, 3)})
             prev = st
 

@@ -18,7 +18,10 @@ QMP has no structured form of this table, hence the parsing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -87,3 +90,47 @@ async def unanswered(mon: Monitor, forwards: Iterable[PortForward]) -> set[int]:
     """
     fw = list(forwards)
     return {c.fd for c in await connections(mon) if c.forwarded(fw) and c.unanswered}
+
+
+class AnswerWatch:
+    """Follow a VM's forwarded connections and note when its guest last answered one.
+
+    An answer is a connection seen unanswered that is not any more (the guest closed it, or
+    its client gave up). :meth:`start` polls in the background every ``interval`` seconds,
+    on the caller's QMP connection; :meth:`poll` can also be called directly.
+    """
+
+    def __init__(self, mon: Monitor, forwards: Iterable[PortForward], interval: float = 0.005):
+        self.mon, self.forwards, self.interval = mon, list(forwards), interval
+        self.last_answer: float | None = None  # time.monotonic() when one was last seen
+        self._open: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll(self) -> set[int]:
+        """The unanswered connections now (fds), noting any answered since the last poll."""
+        now_open = await unanswered(self.mon, self.forwards)
+        if self._open - now_open:
+            self.last_answer = time.monotonic()
+        self._open = now_open
+        return now_open
+
+    def since_answer(self) -> float | None:
+        return None if self.last_answer is None else time.monotonic() - self.last_answer
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        """End the background polling (an error it met ends it too, silently: the watch is
+        advice, and :meth:`poll` called directly raises it again)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
