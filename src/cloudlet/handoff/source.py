@@ -88,10 +88,13 @@ class HandoffOptions:
     throttle_max: float = 0.97  # at most: the VM still runs 3% of the time
     throttle_period_s: float = 0.1
     # A VM that was throttled runs unthrottled before the final pause until it has answered
-    # the requests it holds, at most this long: held 97% of the time, a service answers about
-    # once a second, and without this its last answer could come that long before the pause.
-    # The cost is what the VM dirties meanwhile, in the final round (see _final_burst).
+    # the requests it holds: held 97% of the time, a service answers about once a second, and
+    # without this its last answer could come that long before the pause. The cost is what the
+    # VM dirties meanwhile, in the final round (see _final_burst). At most final_burst_max_s
+    # once the guest has been seen closing connections after answering (as HTTP/1.0 does),
+    # else final_burst_s: a kept-alive connection looks unanswered, whatever it waits for.
     final_burst_s: float = 0.05
+    final_burst_max_s: float = 0.25
 
 
 @dataclass
@@ -585,8 +588,11 @@ class HandoffSource:
         once when none is held, or when the guest answered one less than ``final_burst_s``
         ago (the watch kept since the throttle began says when): what is held then arrived
         after that answer, and the client has waited less than the burst could save.
-        ``final_burst_s`` also caps the wait (a kept-alive connection looks unanswered until
-        its client closes it); if the table cannot be read, the burst is that long.
+
+        The wait is capped at ``final_burst_max_s`` once the watch has seen the guest answer
+        (close) a connection, else at ``final_burst_s``: a kept-alive connection looks
+        unanswered until its client closes it, so without that evidence a held connection may
+        be waiting for nothing. If the table cannot be read, the burst is ``final_burst_s``.
         """
         cap = self.opts.final_burst_s
         t0 = time.monotonic()
@@ -598,7 +604,8 @@ class HandoffSource:
             held = await watch.poll()
             since = watch.since_answer()
             waiting = set(held) if since is None or since >= cap else set()
-            while waiting and time.monotonic() - t0 < cap:
+            limit = cap if since is None else max(cap, self.opts.final_burst_max_s)
+            while waiting and time.monotonic() - t0 < limit:
                 await asyncio.sleep(_BURST_POLL_S)
                 waiting &= await watch.poll()
         except CloudletError as e:
