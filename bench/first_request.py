@@ -52,6 +52,7 @@ import handoff as hb  # bench/handoff.py (bench/ is on sys.path): its workloads 
 from cloudlet.config import Paths, paths
 from cloudlet.hypervisor.ports import PortForward
 from cloudlet.hypervisor.qmp import Monitor
+from cloudlet.hypervisor.usernet import connections
 from cloudlet.hypervisor.vm import VM, VMManager
 from cloudlet.synthesis.synthesize import synthesize
 from cloudlet.util.resident import drop_page_cache
@@ -64,12 +65,8 @@ GUESTS: dict[str, tuple[int, str, bool]] = {
 PAUSE_S = 0.6  # about a handoff's engine time at 5 Mbit/s
 
 
-async def _hmp(mon: Monitor, cmd: str) -> str:
-    return str(await mon.execute("human-monitor-command", {"command-line": cmd}))
-
-
 async def _tb_count(mon: Monitor) -> int:
-    for line in (await _hmp(mon, "info jit")).splitlines():
+    for line in (await mon.hmp("info jit")).splitlines():
         if line.strip().startswith("TB count"):
             return int(line.split()[2])
     raise RuntimeError("QEMU's 'info jit' has no TB count")
@@ -97,9 +94,8 @@ async def request(
             buf, established, answered = b"", None, None
             while answered is None and time.monotonic() - t0 < timeout:
                 if established is None:
-                    net = await _hmp(mon, "info usernet")
-                    conns = [ln for ln in net.splitlines() if ln.lstrip().startswith("TCP[")]
-                    if any("ESTABLISHED" in ln or "CLOSE_WAIT" in ln for ln in conns):
+                    conns = [c for c in await connections(mon) if c.proto == "TCP"]
+                    if any(c.state in ("ESTABLISHED", "CLOSE_WAIT") for c in conns):
                         established = time.monotonic() - t0
                 with contextlib.suppress(BlockingIOError):
                     buf += s.recv(65536)

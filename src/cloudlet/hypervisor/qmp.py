@@ -78,6 +78,12 @@ class Monitor:
         except ExecuteError as e:
             raise QmpCommandError(command, e.error_class, e.error.error.desc, e.received) from e
 
+    async def hmp(self, command_line: str) -> str:
+        """Run a human-monitor command (QMP's ``human-monitor-command``): for what QMP has no
+        structured form of, such as ``hostfwd_add`` or ``info usernet``."""
+        out = await self.execute("human-monitor-command", {"command-line": command_line})
+        return "" if out is None else str(out)
+
     async def pass_fd(self, fd: int, name: str) -> None:
         """Hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS + ``getfd``).
 

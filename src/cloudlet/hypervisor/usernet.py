@@ -77,8 +77,7 @@ def parse_usernet(text: str) -> list[Connection]:
 
 
 async def connections(mon: Monitor) -> list[Connection]:
-    text = await mon.execute("human-monitor-command", {"command-line": "info usernet"})
-    return parse_usernet(str(text))
+    return parse_usernet(await mon.hmp("info usernet"))
 
 
 async def unanswered(mon: Monitor, forwards: Iterable[PortForward]) -> set[int]:

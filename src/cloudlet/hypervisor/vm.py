@@ -891,15 +891,13 @@ class VMManager:
         for i, f in enumerate(fwds):
             for attempt in range(3):
                 rule = f"tcp:{f.host_addr}:{f.host}-:{f.guest}"
-                out = await mon.execute(
-                    "human-monitor-command", {"command-line": f"hostfwd_add net0 {rule}"}
-                )
-                if not str(out or "").strip():
+                out = await mon.hmp(f"hostfwd_add net0 {rule}")
+                if not out.strip():
                     break
                 if not f.auto or attempt == 2:
                     raise ConflictError(
                         f"QEMU could not listen on host port {f.host_addr}:{f.host}: "
-                        f"{str(out).strip()}",
+                        f"{out.strip()}",
                         hint=(
                             "the VM runs without it: suspend it and resume it"
                             if running
