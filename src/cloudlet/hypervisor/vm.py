@@ -896,8 +896,7 @@ class VMManager:
                     break
                 if not f.auto or attempt == 2:
                     raise ConflictError(
-                        f"QEMU could not listen on host port {f.host_addr}:{f.host}: "
-                        f"{out.strip()}",
+                        f"QEMU could not listen on host port {f.host_addr}:{f.host}: {out.strip()}",
                         hint=(
                             "the VM runs without it: suspend it and resume it"
                             if running
