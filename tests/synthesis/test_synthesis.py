@@ -378,6 +378,35 @@ def test_vm_start_from_base_and_overlay_create_cli(base_home: Paths, tmp_path: P
     assert not (tmp_path / "x.overlay").exists()
 
 
+def test_overlay_leaves_out_what_the_guest_freed(base_home: Paths, tmp_path: Path) -> None:
+    """The guest trims its free blocks and zeroes its free pages first; --keep-garbage does not."""
+    d = json.loads(cli("vm", "start", "--base", "tiny", "--json").stdout)
+    mgr = VMManager(base_home)
+    # 24 MiB of random bytes written, read back (page cache) and deleted: garbage on disk and
+    # in RAM. 512 KiB kept, to be found again.
+    junk = (
+        "head -c 25165824 /dev/urandom > /root/junk && sync && cat /root/junk > /dev/null"
+        " && rm /root/junk && head -c 524288 /dev/urandom > /root/keep && sync"
+    )
+    assert run(mgr.exec(d["id"], junk, timeout=120)).exit_code == 0
+    kept, cleared = tmp_path / "kept.overlay", tmp_path / "cleared.overlay"
+    r = cli("overlay", "create", d["id"], "-o", str(kept), "--keep-garbage", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["garbage"] is None
+    assert kept.stat().st_size > 24 * 2**20  # the deleted file's random bytes travel
+    r = cli("overlay", "create", d["id"], "-o", str(cleared), "--json")
+    assert r.returncode == 0, r.stderr
+    g = json.loads(r.stdout)["garbage"]
+    assert g["trimmed"] == ["/"] and g["untrimmed"] == []
+    assert g["zeroed_bytes"] > 100 * 2**20  # most of the 256 MiB guest's free memory
+    assert 512 * 1024 < cleared.stat().st_size < 4 * 2**20
+    # The VM runs on, its live file intact, and answers.
+    assert mgr.get(d["id"]).state is VMState.RUNNING
+    assert run(mgr.exec(d["id"], "wc -c < /root/keep")).stdout == b"524288\n"
+    port = int(d["endpoints"]["80"].rsplit(":", 1)[1])
+    assert counter(port)["memory"] == 1
+
+
 def test_base_cli_and_delete_refused_while_in_use(home: Paths, tiny_image) -> None:  # type: ignore[no-untyped-def]
     r = cli("base", "create", "tiny", "--name", "b128", "--memory", "128M", "--json")
     assert r.returncode == 0, r.stderr

@@ -19,6 +19,12 @@ def overlay_create(
     output: Path = typer.Option(..., "-o", "--output", help="Overlay file to write."),
     level: int = typer.Option(3, "--level", help="zstd level (1-19)."),
     keep_paused: bool = typer.Option(False, "--keep-paused", help="Leave the VM paused after."),
+    keep_garbage: bool = typer.Option(
+        False,
+        "--keep-garbage",
+        help="Do not have the guest trim its free disk blocks and zero its free memory first"
+        " (the overlay then carries deleted files and freed pages).",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Capture what VM changed relative to its base VM as one overlay file."""
@@ -32,6 +38,7 @@ def overlay_create(
                 output.resolve(),
                 level=level,
                 keep_paused=keep_paused,
+                clear=not keep_garbage,
                 progress=prog,
             )
         )
@@ -41,6 +48,12 @@ def overlay_create(
 def _show_created(d: dict[str, Any]) -> None:
     size = d.get("stored_bytes") or d.get("file_bytes") or Path(d["file"]).stat().st_size
     console.print(f"wrote overlay [bold]{d['file']}[/] ({size} bytes) against base {d['base']}")
+    g = d.get("garbage")
+    if g:
+        console.print(
+            f"  first cleared in the guest: trimmed {', '.join(g['trimmed']) or 'nothing'},"
+            f" {g['zeroed_bytes'] / 2**20:.0f} MiB of free memory zeroed ({g['seconds']:.1f} s)"
+        )
 
 
 @handle_errors

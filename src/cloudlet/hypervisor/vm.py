@@ -359,7 +359,7 @@ def build_command(vm: VM, *, incoming: bool = False, hostfwd: bool = True) -> li
         # so the cache is never stale; dropping it cost ~110 ms of handoff downtime (flushing
         # the layer just written) and left the guest reading its disk cold.
         "-drive", f"file={vm.disk_path},format=qcow2,if=none,id=disk0,cache=writeback,"
-                  "file.drop-cache=off,backing.file.drop-cache=off",
+                  "file.drop-cache=off,backing.file.drop-cache=off,discard=unmap",
         "-device", "virtio-blk-pci,drive=disk0",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56",

@@ -1,6 +1,8 @@
 """``overlay create``: capture what a VM changed relative to its base VM.
 
-The VM is paused (so memory and disk stop changing and QEMU flushes the disk layer), its device
+First the guest clears what it no longer uses (``garbage.py``: free disk blocks trimmed, free
+pages zeroed), so that deleted files and freed memory do not travel as changed data. Then the
+VM is paused (so memory and disk stop changing and QEMU flushes the disk layer), its device
 state is saved beside its RAM file, and the delta engine diffs RAM file and disk layer against
 the base. Afterwards the VM runs on (unless asked to stay paused): capturing is not destructive.
 """
@@ -19,6 +21,7 @@ from cloudlet.hypervisor.qmp import Monitor
 from cloudlet.hypervisor.vm import VMManager, VMState
 from cloudlet.overlay.create import create_overlay
 from cloudlet.synthesis.base import BaseStore
+from cloudlet.synthesis.garbage import clear_garbage
 
 
 async def capture_overlay(
@@ -28,6 +31,7 @@ async def capture_overlay(
     *,
     level: int = 3,
     keep_paused: bool = False,
+    clear: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     mgr = VMManager(paths)
@@ -42,6 +46,9 @@ async def capture_overlay(
     base = BaseStore(paths).get(vm.source.name)
     if base.base_id != vm.source.content_id:
         raise ConflictError(f"base VM {base.name!r} changed since VM {vm.id} was started from it")
+    garbage: dict[str, Any] | None = None
+    if clear and vm.state is VMState.RUNNING and vm.source.agent:
+        garbage = (await clear_garbage(mgr, vm.id)).to_dict()
     with mgr.locked(vm):
         async with await Monitor.connect(vm.qmp_path) as mon:
             await mgr.pause(vm, mon)
@@ -63,4 +70,5 @@ async def capture_overlay(
                 if not keep_paused:
                     await mon.execute("cont")
     st = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
+    st["garbage"] = garbage  # None: not cleared (asked not to, paused, or no guest agent)
     return {"vm": vm.id, "base": base.name, "base_id": base.base_id, "file": str(out)} | st
