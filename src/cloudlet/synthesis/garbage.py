@@ -21,6 +21,7 @@ the allocator's free pages. They run while the VM runs, just before it is paused
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -28,8 +29,11 @@ from dataclasses import asdict, dataclass
 from cloudlet.hypervisor.errors import VMError
 from cloudlet.hypervisor.vm import VMManager
 
+log = logging.getLogger(__name__)
+
 # POSIX sh for busybox ash and Debian's dash alike; every number it prints is a line "key value".
 # The reserve: three times the kernel's minimum free memory (above its high watermark) + 8 MiB.
+# Should the guest's own processes need memory meanwhile, the OOM killer picks the zeroer first.
 _SCRIPT = r"""
 sync
 for m in $(awk '$3 ~ /^(ext[234]|xfs|btrfs|vfat|f2fs)$/ {print $2}' /proc/mounts); do
@@ -40,7 +44,8 @@ min_kb=$(cat /proc/sys/vm/min_free_kbytes)
 want_kb=$((free_kb - 3 * min_kb - 8192))
 echo "free_kb $free_kb"
 if [ "$want_kb" -gt 0 ]; then
-  dd if=/dev/zero of=/dev/null bs=$((want_kb * 1024)) count=1 iflag=fullblock 2>/dev/null \
+  (echo 1000 > /proc/self/oom_score_adj
+   exec dd if=/dev/zero of=/dev/null bs=$((want_kb * 1024)) count=1 iflag=fullblock 2>/dev/null) \
     && echo "zeroed_kb $want_kb" || echo "zero_failed $want_kb"
 fi
 awk '/^MemFree:/ {print "free_after_kb", $2}' /proc/meminfo
@@ -87,6 +92,8 @@ async def clear_garbage(mgr: VMManager, vm_id: str, *, timeout: float = 120.0) -
             untrimmed.append(rest)
         elif re.fullmatch(r"-?\d+", rest.strip()):
             vals[key] = int(rest)
+    if "zero_failed" in vals:  # killed, or could not allocate: the capture is merely larger
+        log.warning("VM %s: the guest could not zero its free memory", vm_id)
     return Cleared(
         trimmed=trimmed,
         untrimmed=untrimmed,
