@@ -12,8 +12,8 @@ guest itself, over the agent, using what any Linux guest has:
 - One short-lived process reads ``/dev/zero`` into a buffer as large as the guest's free memory
   minus a reserve, then exits. The kernel hands it nearly every free page and it overwrites them
   with zeros; freed again, they stay zero, which the delta engine drops or records as zero pages.
-  Live data is not touched: page cache and process memory stay (the reserve keeps the kernel
-  above its watermarks, so it does not reclaim cache to satisfy the buffer).
+  Live data is not touched: page cache and process memory stay (the kernel's free-memory
+  reserve is lowered meanwhile, so it does not reclaim cache to satisfy the buffer).
 
 Both steps change only what the guest had already let go of: the filesystem's free blocks and
 the allocator's free pages. They run while the VM runs, just before it is paused.
@@ -32,23 +32,29 @@ from cloudlet.hypervisor.vm import VMManager
 log = logging.getLogger(__name__)
 
 # POSIX sh for busybox ash and Debian's dash alike; every number it prints is a line "key value".
-# The reserve: three times the kernel's minimum free memory (above its high watermark) + 8 MiB.
-# Should the guest's own processes need memory meanwhile, the OOM killer picks the zeroer first.
+# The kernel keeps min_free_kbytes free (Debian's kernel raises it to ~45 MiB in a 1 GiB guest
+# for transparent huge pages): lowered to 1 MiB for the second or so the zeroing process lives,
+# so that its buffer can take those pages too without the kernel reclaiming page cache for it,
+# then restored. Should the guest's own processes need memory meanwhile, the OOM killer picks
+# the zeroing process first.
 _SCRIPT = r"""
 sync
 for m in $(awk '$3 ~ /^(ext[234]|xfs|btrfs|vfat|f2fs)$/ {print $2}' /proc/mounts); do
   if fstrim "$m" 2>/dev/null; then echo "trimmed $m"; else echo "untrimmed $m"; fi
 done
-free_kb=$(awk '/^MemFree:/ {print $2}' /proc/meminfo)
 min_kb=$(cat /proc/sys/vm/min_free_kbytes)
-want_kb=$((free_kb - 3 * min_kb - 8192))
+low_kb=1024
+[ "$min_kb" -gt "$low_kb" ] && echo "$low_kb" > /proc/sys/vm/min_free_kbytes || low_kb=$min_kb
+free_kb=$(awk '/^MemFree:/ {print $2}' /proc/meminfo)
+want_kb=$((free_kb - 3 * low_kb - 8192))
 echo "free_kb $free_kb"
 if [ "$want_kb" -gt 0 ]; then
   (echo 1000 > /proc/self/oom_score_adj
    exec dd if=/dev/zero of=/dev/null bs=$((want_kb * 1024)) count=1 iflag=fullblock 2>/dev/null) \
     && echo "zeroed_kb $want_kb" || echo "zero_failed $want_kb"
 fi
-awk '/^MemFree:/ {print "free_after_kb", $2}' /proc/meminfo
+[ "$low_kb" != "$min_kb" ] && echo "$min_kb" > /proc/sys/vm/min_free_kbytes
+echo "min_free_kb $(cat /proc/sys/vm/min_free_kbytes)"
 """
 
 
