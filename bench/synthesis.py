@@ -280,8 +280,8 @@ async def check_debian(vm: VM, info: dict[str, Any]) -> dict[str, Any]:
 
 
 WORKLOADS = {
-    "tiny": Workload("tiny", "tiny", 256, [80], customize_tiny, check_tiny, 2),
-    "debian": Workload("debian", "debian", 1024, [8080, 80], customize_debian, check_debian, 3),
+    "tiny": Workload("tiny", "tiny", 256, [80], customize_tiny, check_tiny, 3),
+    "debian": Workload("debian", "debian", 1024, [8080, 80], customize_debian, check_debian, 4),
     "debian-cached": Workload(
         "debian-cached",
         "debian",
@@ -289,7 +289,7 @@ WORKLOADS = {
         [8080, 80],
         functools.partial(customize_debian, clean=False),
         check_debian,
-        3,
+        4,
         base_of="debian",
     ),
 }
