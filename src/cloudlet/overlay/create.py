@@ -84,6 +84,7 @@ class CreateStats:
     disk_bytes_examined: int = 0
     changed_pages: int = 0
     changed_disk_pages: int = 0
+    zero_pages: int = 0  # of the changed pages, those that read as zeros (no hashing, no bytes)
     changed_clusters: int = 0
     records: dict[str, int] = field(default_factory=dict)
     raw_bytes: int = 0
@@ -223,6 +224,7 @@ class _Encoder:
         self.mem_lookup = mem_lookup
         self.disk_lookup = disk_lookup
         self.seen: dict[int, int] = {}  # xxh3_128 -> page * 2 + (1 if disk)
+        self.zero_pages = 0
 
     def _base_mem_page(self, p: int) -> bytes:
         page: bytes = self.base_ram[p].tobytes()
@@ -267,6 +269,7 @@ class _Encoder:
         xor_ok = (np.count_nonzero(w != bw, axis=1) <= XOR_MAX_WORDS) & bw.any(axis=1)
         flat = np.ascontiguousarray(pages).reshape(-1).data
         nz_idx = np.flatnonzero(nonzero)
+        self.zero_pages += k - int(nz_idx.size)
         h64f = xxhash.xxh3_64_intdigest
         h64 = np.array(
             [h64f(flat[i * PAGE : (i + 1) * PAGE]) for i in nz_idx.tolist()], dtype=np.uint64
@@ -431,6 +434,7 @@ def _encode_disk(
             enc.packer.begin(Kind.DISK)
             enc.packer.add(Payload.ZERO, piece.first, piece.count)
             stats.changed_disk_pages += piece.count
+            stats.zero_pages += piece.count
             end = piece.first + piece.count
             zero_ranges.append((piece.first // PAGES_PER_CLUSTER, -(-end // PAGES_PER_CLUSTER)))
         elif piece.kind == "data":
@@ -595,6 +599,7 @@ def create_overlay(
             packer.close()
             stats.seconds["compress_drain"] = time.perf_counter() - t0
             stats.seconds["compress_wait"] = packer.wait_seconds
+            stats.zero_pages += enc.zero_pages
             del enc, base_ram, base_mm
 
             stats.records = packer.record_counts()
