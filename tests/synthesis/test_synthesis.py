@@ -389,6 +389,7 @@ def test_overlay_leaves_out_what_the_guest_freed(base_home: Paths, tmp_path: Pat
         " && rm /root/junk && head -c 524288 /dev/urandom > /root/keep && sync"
     )
     assert run(mgr.exec(d["id"], junk, timeout=120)).exit_code == 0
+    min_free = run(mgr.exec(d["id"], "cat /proc/sys/vm/min_free_kbytes")).stdout
     kept, cleared = tmp_path / "kept.overlay", tmp_path / "cleared.overlay"
     r = cli("overlay", "create", d["id"], "-o", str(kept), "--keep-garbage", "--json")
     assert r.returncode == 0, r.stderr
@@ -403,6 +404,8 @@ def test_overlay_leaves_out_what_the_guest_freed(base_home: Paths, tmp_path: Pat
     # The VM runs on, its live file intact, and answers.
     assert mgr.get(d["id"]).state is VMState.RUNNING
     assert run(mgr.exec(d["id"], "wc -c < /root/keep")).stdout == b"524288\n"
+    # The reserve the zeroing lowered for a moment is back.
+    assert run(mgr.exec(d["id"], "cat /proc/sys/vm/min_free_kbytes")).stdout == min_free
     port = int(d["endpoints"]["80"].rsplit(":", 1)[1])
     assert counter(port)["memory"] == 1
 

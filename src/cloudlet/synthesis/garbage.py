@@ -54,7 +54,8 @@ if [ "$want_kb" -gt 0 ]; then
     && echo "zeroed_kb $want_kb" || echo "zero_failed $want_kb"
 fi
 [ "$low_kb" != "$min_kb" ] && echo "$min_kb" > /proc/sys/vm/min_free_kbytes
-echo "min_free_kb $(cat /proc/sys/vm/min_free_kbytes)"
+echo "min_free_kb $min_kb"
+echo "min_free_kb_after $(cat /proc/sys/vm/min_free_kbytes)"
 """
 
 
@@ -100,6 +101,13 @@ async def clear_garbage(mgr: VMManager, vm_id: str, *, timeout: float = 120.0) -
             vals[key] = int(rest)
     if "zero_failed" in vals:  # killed, or could not allocate: the capture is merely larger
         log.warning("VM %s: the guest could not zero its free memory", vm_id)
+    if vals.get("min_free_kb") != vals.get("min_free_kb_after"):
+        log.warning(
+            "VM %s: the guest's vm.min_free_kbytes is %s, was %s (not restored)",
+            vm_id,
+            vals.get("min_free_kb_after"),
+            vals.get("min_free_kb"),
+        )
     return Cleared(
         trimmed=trimmed,
         untrimmed=untrimmed,
