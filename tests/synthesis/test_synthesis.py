@@ -408,6 +408,18 @@ def test_overlay_leaves_out_what_the_guest_freed(base_home: Paths, tmp_path: Pat
     assert run(mgr.exec(d["id"], "cat /proc/sys/vm/min_free_kbytes")).stdout == min_free
     port = int(d["endpoints"]["80"].rsplit(":", 1)[1])
     assert counter(port)["memory"] == 1
+    # Left paused by a capture, the VM is recorded so; QEMU cannot save its state again until
+    # it runs: a clear refusal that writes nothing, then `vm resume` runs it on.
+    r = cli("overlay", "create", d["id"], "-o", str(tmp_path / "p1.overlay"), "--keep-paused")
+    assert r.returncode == 0, r.stderr
+    assert mgr.get(d["id"]).state is VMState.PAUSED
+    r = cli("overlay", "create", d["id"], "-o", str(tmp_path / "p2.overlay"))
+    assert r.returncode == 4 and f"cloudlet vm resume {d['id']}" in r.stderr
+    assert not (tmp_path / "p2.overlay").exists()
+    r = cli("vm", "resume", d["id"], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "running"
+    assert counter(port)["memory"] == 2
 
 
 def test_base_cli_and_delete_refused_while_in_use(home: Paths, tiny_image) -> None:  # type: ignore[no-untyped-def]

@@ -846,7 +846,10 @@ class VMManager:
         The hardware description recorded with the snapshot must match what this host would
         run (QEMU version, accelerator); otherwise nothing is started and the VM stays
         suspended. Host ports are re-used when free (auto-picked ones are re-picked).
+        A paused VM (left so by ``overlay create --keep-paused``) just runs on.
         """
+        if self.get(vm_id).state is VMState.PAUSED:
+            return await self.cont(vm_id)
         vm, mon = await self.resume_paused(vm_id, forwards=forwards)
         vm = await self.cont(vm.id, mon)
         if wait_port and vm.forwards:

@@ -4,7 +4,8 @@ First the guest clears what it no longer uses (``garbage.py``: free disk blocks 
 pages zeroed), so that deleted files and freed memory do not travel as changed data. Then the
 VM is paused (so memory and disk stop changing and QEMU flushes the disk layer), its device
 state is saved beside its RAM file, and the delta engine diffs RAM file and disk layer against
-the base. Afterwards the VM runs on (unless asked to stay paused): capturing is not destructive.
+the base. Afterwards the VM runs on (unless asked to stay paused, or it was paused before):
+capturing is not destructive.
 """
 
 from __future__ import annotations
@@ -46,11 +47,21 @@ async def capture_overlay(
     base = BaseStore(paths).get(vm.source.name)
     if base.base_id != vm.source.content_id:
         raise ConflictError(f"base VM {base.name!r} changed since VM {vm.id} was started from it")
-    garbage: dict[str, Any] | None = None
-    if clear and vm.state is VMState.RUNNING and vm.source.agent:
-        garbage = (await clear_garbage(mgr, vm.id)).to_dict()
-    with mgr.locked(vm):
-        async with await Monitor.connect(vm.qmp_path) as mon:
+    async with await Monitor.connect(vm.qmp_path) as mon:
+        # QEMU's own word, not the record's: a VM left paused by an older capture may be
+        # recorded as running.
+        status = await mon.execute("query-status")
+        if status.get("status") == "postmigrate":
+            raise ConflictError(
+                f"VM {vm.id} is still paused by an earlier capture, and QEMU cannot save"
+                " a VM's state twice without running it in between",
+                hint=f"run it first: `cloudlet vm resume {vm.id}`",
+            )
+        was_running = bool(status.get("running"))
+        garbage: dict[str, Any] | None = None
+        if clear and was_running and vm.source.agent:
+            garbage = (await clear_garbage(mgr, vm.id)).to_dict()
+        with mgr.locked(vm):
             await mgr.pause(vm, mon)
             try:
                 await mgr.save_devstate(vm, mon, vm.devstate_path)
@@ -67,8 +78,12 @@ async def capture_overlay(
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     vm.devstate_path.unlink()
-                if not keep_paused:
+                if was_running and not keep_paused:
                     await mon.execute("cont")
+                elif was_running:  # the record says what QEMU does: paused
+                    rec = mgr.get(vm.id)
+                    rec.state = VMState.PAUSED
+                    rec.save()
     st = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
     st["garbage"] = garbage  # None: not cleared (asked not to, paused, or no guest agent)
     return {"vm": vm.id, "base": base.name, "base_id": base.base_id, "file": str(out)} | st
