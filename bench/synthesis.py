@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""VM synthesis against what a user would ship with stock tools, on two real workloads.
+"""VM synthesis against what a user would ship with stock tools, on real workloads.
 
 Workloads (built once, cached under the bench home; ``--rebuild`` makes them again):
 
@@ -7,16 +7,20 @@ Workloads (built once, cached under the bench home; ``--rebuild`` makes them aga
   /dev/urandom + ~10 MiB of generated text), a process holding 64 MiB of random data in its
   memory, and an 8 MiB random temporary file written, synced and deleted.
 - ``debian``: a debootstrap minbase image (1 GiB), customized inside the guest with
-  ``apt-get update && apt-get install -y python3 python3-numpy`` and a python3 HTTP service
-  (port 8080) whose state (a numpy matrix and a power-iteration vector) lives only in memory.
+  ``apt-get update && apt-get install -y python3 python3-numpy && apt-get clean && rm -rf
+  /var/lib/apt/lists/*`` (as Debian's container images end an install) and a python3 HTTP
+  service (port 8080) whose state (a numpy matrix and a power-iteration vector) lives only in
+  memory.
+- ``debian-cached``: the same without the cleaning (apt's lists, .debs and caches stay on the
+  disk, live), on the same base VM.
 
-For each, the customization VM is captured with ``capture_overlay`` (kept paused), and the
-**baseline** is what stock tools give for the same paused state: the VM's qcow2 top layer plus
-QEMU's own migration stream of the full RAM (no ``x-ignore-shared``), each compressed with
-``xz -9 -T2`` (and ``zstd -19 -T2``). QEMU refuses a second migration of a VM paused by one,
-so the migration stream comes from a second QEMU holding the same state: base + overlay,
-checked byte for byte against the customization VM's RAM file and with ``qemu-img compare``
-against its disk, restored paused, then migrated.
+For each, the customization VM is paused and the **baseline** taken: what stock tools give
+for that state, the VM's qcow2 top layer plus QEMU's own migration stream of the full RAM (no
+``x-ignore-shared``), each compressed with ``xz -9 -T2`` (and ``zstd -19 -T2``). The VM then
+runs on and is captured with ``capture_overlay`` (kept paused), which first has the guest trim
+and zero what it freed: a stock user would ship that garbage, so the baseline is taken before.
+base + overlay is checked byte for byte against the captured VM's RAM file and with
+``qemu-img compare`` against its disk.
 
 Each bench run then measures, medians of ``--runs`` runs, both contenders in the same run:
 
