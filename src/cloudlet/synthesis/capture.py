@@ -84,6 +84,6 @@ async def capture_overlay(
                     rec = mgr.get(vm.id)
                     rec.state = VMState.PAUSED
                     rec.save()
-    st = stats.to_dict() if hasattr(stats, "to_dict") else dict(vars(stats))
-    st["garbage"] = garbage  # None: not cleared (asked not to, paused, or no guest agent)
-    return {"vm": vm.id, "base": base.name, "base_id": base.base_id, "file": str(out)} | st
+    # garbage None: not cleared (asked not to, paused, or no guest agent)
+    head = {"vm": vm.id, "base": base.name, "base_id": base.base_id, "file": str(out)}
+    return head | stats.to_dict() | {"garbage": garbage}
